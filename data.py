@@ -5,11 +5,25 @@ dataset ("shapes", the default, no download), and its labelled probe tasks.
 Everything here returns plain tensors: images as float (B, 3, H, W) in [0, 1],
 captions as strings that the tokenizer turns into (B, L) int64 ids.
 """
+import argparse
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
 import re
+import sys
+import tarfile
+import time
 from collections import Counter
+from multiprocessing import Pool
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Tokenizer: word level, built from the training captions
@@ -225,6 +239,11 @@ class Shapes:
         attrs = scene_attributes(self.seed, np.arange(n))
         return [describe(attrs, i) for i in range(n)]
 
+    vocab_captions = vocabulary_captions  # the name every caption dataset shares
+
+    def report(self):
+        return "shapes: synthetic, generated on the fly, nothing skipped"
+
 
 PROBE_TASKS = {  # name -> (number of classes, label of a single-object scene)
     "shape": (len(SHAPES), lambda a: a["shape"][:, 0]),
@@ -246,17 +265,396 @@ def shapes_probe(task="shape", n_train=5000, n_test=2000, img_size=32, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# Decoding images, and counting what is skipped
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def load_image(src, size):
+    """Decode one image to uint8 (size, size, 3): short side resized to `size`, then a centre
+    crop (keeps the aspect ratio; a square image is just resized). `src` is a file path or
+    (tar path, byte offset, byte count). Returns None when the image cannot be decoded."""
+    try:
+        if isinstance(src, (tuple, list)):  # a webdataset member, read by offset: no tarfile needed
+            path, offset, nbytes = src
+            with open(path, "rb") as f:
+                f.seek(offset)
+                src = io.BytesIO(f.read(nbytes))
+        with Image.open(src) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, far faster for big photos
+            return np.asarray(ImageOps.fit(im.convert("RGB"), (size, size), Image.BICUBIC), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # corrupt, truncated or unreadable: the caller counts it and moves on
+
+
+class SkipLog:
+    """Pairs dropped while loading one source, by reason, shared by its train and val splits.
+    Counts are (image, caption) pairs: a missing image with 5 captions counts 5."""
+
+    def __init__(self, name, total):
+        self.name, self.total, self.counts = name, total, Counter()
+
+    def add(self, reason, n=1):
+        self.counts[reason] += n
+
+    def __str__(self):
+        n = sum(self.counts.values())
+        if n == 0:
+            return f"{self.name}: {self.total:,} pairs, none skipped"
+        why = ", ".join(f"{k} {r}{'s' if k != 1 else ''}" for r, k in sorted(self.counts.items(), key=lambda x: -x[1]))
+        return f"{self.name}: skipped {n:,} of {self.total:,} pairs: {why}"
+
+
+def truncation_report(tok, captions, max_len):
+    """How many captions do not fit in max_len tokens (the tokenizer cuts them, keeping [EOS]
+    last). Returns (fraction truncated, a one-line message) for the training log."""
+    n = sum(len(split_words(c)) > max_len - 1 for c in captions)
+    frac = n / max(len(captions), 1)
+    return frac, f"{n:,} of {len(captions):,} captions ({100 * frac:.2f}%) are longer than max_len={max_len} and get truncated, keeping [EOS]"
+
+
+# -----------------------------------------------------------------------------
+# Caption datasets on disk. Every source becomes the same thing: a list of images
+# (file paths or tar offsets) and a list of captions per image, so all of them are
+# map-style: any batch of indices can be read in any order, which keeps --resume exact.
+
+class ImageCaptions:
+    """Images with one or more captions each. One sample per image per epoch, its caption
+    a pure function of (seed, epoch, image); all_captions=True makes every pair a sample."""
+
+    def __init__(self, name, srcs, captions, log, img_size=32, seed=0, all_captions=False):
+        self.name, self.srcs, self.captions, self.log = name, srcs, captions, log
+        self.img_size, self.seed, self.all_captions = img_size, seed, all_captions
+        self.n_caps = np.array([len(c) for c in captions], dtype=np.int64)
+        self.pair_img = np.repeat(np.arange(len(captions)), self.n_caps)          # (P,) image of each pair
+        self.pair_cap = np.arange(len(self.pair_img)) - np.repeat(np.cumsum(self.n_caps) - self.n_caps, self.n_caps)
+        self.bad = set()      # images that failed to decode, in this process: skipped from then on
+        self.counted = set()  # those already counted in the log (workers find them, the main process counts)
+
+    def __len__(self):
+        return len(self.pair_img) if self.all_captions else len(self.captions)
+
+    def vocab_captions(self):
+        return [c for caps in self.captions for c in caps]
+
+    def report(self):
+        return str(self.log)
+
+    def _pairs(self, idx, epoch):
+        """Sample indices -> (image indices, caption indices)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.all_captions:
+            return self.pair_img[idx], self.pair_cap[idx]
+        u = _hash_uniform(self.seed, idx, 1000 + epoch)  # a new caption draw every epoch
+        return idx, np.minimum((u * self.n_caps[idx]).astype(np.int64), self.n_caps[idx] - 1)
+
+    def load_batch(self, idx, epoch):
+        """-> (uint8 images (B, 3, S, S), captions, indices of images newly found corrupt).
+        Runs inside DataLoader workers, so it never raises on a bad image: it takes the next
+        image instead (a deterministic substitute), and the main process counts it."""
+        imgs, caps, new_bad = [], [], []
+        for i, c in zip(*self._pairs(idx, epoch)):
+            for _ in range(len(self.srcs)):
+                x = None if i in self.bad else load_image(self.srcs[i], self.img_size)
+                if x is not None:
+                    break
+                if i not in self.bad:
+                    self.bad.add(i)
+                    new_bad.append(int(i))
+                i = (i + 1) % len(self.srcs)
+            else:
+                raise RuntimeError(f"{self.name}: no image could be decoded")
+            imgs.append(x)
+            caps.append(self.captions[i][c % self.n_caps[i]])
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), caps, new_bad  # (B, 3, S, S) uint8
+
+    def note_bad(self, new_bad):
+        """Count images that failed to decode (found in this process or in a worker), once each."""
+        for i in new_bad:
+            if i not in self.counted:
+                self.bad.add(i), self.counted.add(i)
+                self.log.add("corrupt image", int(self.n_caps[i]))
+                print(f"data: could not decode {self.srcs[i]}, skipped; now {self.log}", file=sys.stderr)
+
+    def batch(self, idx, epoch=0):
+        """(images (B, 3, S, S) float32 in [0, 1], list of B captions)."""
+        imgs, caps, new_bad = self.load_batch(idx, epoch)
+        self.note_bad(new_bad)
+        return to_float(imgs), caps
+
+
+def to_float(imgs, device=None):
+    """uint8 (B, 3, S, S) -> float32 in [0, 1], converted after the copy to the device (4x fewer bytes moved)."""
+    imgs = imgs.to(device, non_blocking=True) if device is not None else imgs
+    return imgs.float().div_(255) if imgs.dtype == torch.uint8 else imgs
+
+
+class _Files:
+    """Does a file exist? One directory listing per folder instead of one stat per image."""
+
+    def __init__(self):
+        self.listed = {}
+
+    def __call__(self, path):
+        d, f = os.path.split(path)
+        if d not in self.listed:
+            self.listed[d] = set(os.listdir(d)) if os.path.isdir(d) else set()
+        return f in self.listed[d]
+
+
+def _group(rows, name, exists=None):
+    """(image src, image key, caption) rows -> (srcs, keys, caption lists, SkipLog): captions grouped
+    by image in first-seen order; rows with an empty caption or a missing image are skipped."""
+    log = SkipLog(name, len(rows))
+    where, srcs, keys, caps = {}, [], [], []
+    for src, key, cap in rows:
+        cap = (cap or "").strip()
+        if not cap:
+            log.add("empty caption")
+        elif exists is not None and not exists(src):
+            log.add("missing image")
+        else:
+            if key not in where:
+                where[key] = len(srcs)
+                srcs.append(src), keys.append(key), caps.append([])
+            caps[where[key]].append(cap)
+    return srcs, keys, caps, log
+
+
+def _holdout(keys, val_frac):
+    """A deterministic validation split by image: an image is in val when the hash of its key
+    (its path, not its position) is below val_frac, so no image is in both splits and adding
+    images to the source does not move the others. At least one val image when there are two."""
+    u = np.array([int.from_bytes(hashlib.md5(k.encode()).digest()[:8], "little") / 2.0 ** 64 for k in keys])
+    val = u < val_frac
+    if len(keys) > 1 and val_frac > 0 and not val.any():
+        val[np.argmin(u)] = True
+    return val
+
+
+def _split(srcs, keys, caps, log, val_frac, **kw):
+    val = _holdout(keys, val_frac)
+    pick = lambda m: ([s for s, v in zip(srcs, m) if v], [c for c, v in zip(caps, m) if v])
+    return ImageCaptions(log.name + ":train", *pick(~val), log, **kw), ImageCaptions(log.name + ":val", *pick(val), log, **kw)
+
+
+def _read_table(path, image_col, caption_col):
+    """Rows of (image, caption) from a .csv / .tsv (header line) or .jsonl (one object per line)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            recs = [json.loads(line) for line in f if line.strip()]
+        else:
+            recs = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+    if recs and (image_col not in recs[0] or caption_col not in recs[0]):
+        raise ValueError(f"{path}: expected columns {image_col!r} and {caption_col!r} "
+                         f"(set them with --image_col / --caption_col), found {list(recs[0])}")
+    return [(r[image_col], r[caption_col]) for r in recs]
+
+
+def _need(path, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: expected {what}")
+
+
+def load_flickr(root, val_frac=0.05, **kw):
+    """Flickr8k / Flickr30k, Kaggle layout: ROOT/Images/*.jpg and ROOT/captions.txt (CSV with header
+    image,caption). No official split in this layout, so val is held out by image."""
+    what = "ROOT/captions.txt and ROOT/Images/ (Flickr8k/30k Kaggle layout)"
+    _need(root, what); _need(os.path.join(root, "captions.txt"), what); _need(os.path.join(root, "Images"), what)
+    table = _read_table(os.path.join(root, "captions.txt"), "image", "caption")
+    rows = [(os.path.join(root, "Images", im), im, cap) for im, cap in table]
+    return _split(*_group(rows, "flickr", _Files()), val_frac, **kw)
+
+
+def load_csv(path, image_col="image", caption_col="caption", val_frac=0.05, **kw):
+    """A .csv / .tsv / .jsonl of (image path, caption); paths relative to the file's folder."""
+    _need(path, "a .csv, .tsv or .jsonl file of (image path, caption) rows")
+    if not path.endswith((".csv", ".tsv", ".jsonl")):
+        raise ValueError(f"{path}: expected a .csv, .tsv or .jsonl file")
+    base = os.path.dirname(os.path.abspath(path))
+    rows = [(os.path.join(base, im), im, cap) for im, cap in _read_table(path, image_col, caption_col)]
+    return _split(*_group(rows, "csv", _Files()), val_frac, **kw)
+
+
+def load_coco(root, val_frac=0.05, **kw):
+    """COCO captions: ROOT/annotations/captions_{train,val}2017.json with ROOT/{train,val}2017/.
+    The official val2017 is the val split (a hold-out from train if its files are absent)."""
+    what = "ROOT/annotations/captions_train2017.json and ROOT/train2017/ (COCO 2017 layout)"
+    _need(root, what); _need(os.path.join(root, "annotations", "captions_train2017.json"), what)
+    _need(os.path.join(root, "train2017"), what)
+
+    def read(split):
+        with open(os.path.join(root, "annotations", f"captions_{split}2017.json")) as f:
+            js = json.load(f)
+        files = {im["id"]: im["file_name"] for im in js["images"]}
+        rows = [(os.path.join(root, f"{split}2017", files.get(a["image_id"], f"<no image {a['image_id']}>")),
+                 f"{split}/{a['image_id']}", a["caption"]) for a in js["annotations"]]
+        return _group(rows, "coco", _Files())
+
+    srcs, keys, caps, log = read("train")
+    has_val = os.path.exists(os.path.join(root, "annotations", "captions_val2017.json")) and os.path.isdir(os.path.join(root, "val2017"))
+    if not has_val:
+        print(f"coco: no val2017 in {root}, holding out {val_frac:.0%} of train2017 images", file=sys.stderr)
+        return _split(srcs, keys, caps, log, val_frac, **kw)
+    vsrcs, _, vcaps, vlog = read("val")
+    log.total += vlog.total
+    log.counts.update(vlog.counts)
+    return ImageCaptions("coco:train", srcs, caps, log, **kw), ImageCaptions("coco:val", vsrcs, vcaps, log, **kw)
+
+
+def load_wds(spec, val_frac=0.05, **kw):
+    """Webdataset shards as img2dataset writes them (CC3M, CC12M): *.tar holding KEY.jpg|png|webp
+    and KEY.txt. Each tar is scanned once with tarfile to index (byte offset, size) per image,
+    after which any image is read directly by offset: random access, so batches from any step
+    on are reproducible and each DDP rank / DataLoader worker reads only the samples it uses."""
+    shards = sorted(glob.glob(os.path.join(spec, "*.tar"))) if os.path.isdir(spec) else sorted(glob.glob(spec))
+    if not shards:
+        raise FileNotFoundError(f"no shards at {spec}: expected a folder of *.tar (or a glob like DIR/0*.tar) "
+                                f"holding KEY.jpg + KEY.txt, as written by img2dataset")
+    rows = []
+    for shard in tqdm(shards, desc="indexing shards", disable=len(shards) < 10):
+        samples = {}  # key -> {"img": (shard, offset, size), "txt": caption}
+        with tarfile.open(shard) as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                d, base = os.path.split(m.name)
+                key, ext = base.split(".", 1) if "." in base else (base, "")  # webdataset: key is up to the first dot
+                s = samples.setdefault(os.path.join(d, key), {})
+                if "." + ext.lower() in IMAGE_EXTS:
+                    s["img"] = (shard, m.offset_data, m.size)
+                elif ext == "txt":
+                    s["txt"] = tf.extractfile(m).read().decode("utf-8", "replace")
+        for key, s in samples.items():
+            if "img" in s or "txt" in s:  # a lone KEY.json (no image, no caption) is not a pair
+                rows.append((s.get("img"), f"{os.path.basename(shard)}/{key}", s.get("txt")))
+    return _split(*_group(rows, "wds", lambda src: src is not None), val_frac, **kw)
+
+
+# -----------------------------------------------------------------------------
+# The fast path: decode and resize every image once into a uint8 memmap
+# (`python data.py prepare`), then batches are an index into it, augmentation a
+# few tensor ops on the device (airbench keeps its data as tensors the same way).
+
+def prepare(spec, size, out, workers=None, **kw):
+    """Decode every image of a caption source once at size x size into OUT/images.u8
+    (uint8 memmap (N, S, S, 3), train images first), OUT/captions.json and OUT/manifest.json."""
+    if spec.partition(":")[0] in ("shapes", "cache"):
+        raise ValueError(f"prepare reads an image source (coco:, flickr:, csv:, wds:), not {spec}")
+    train, val = build_caption_data(spec, img_size=size, **kw)
+    os.makedirs(out, exist_ok=True)
+    srcs = train.srcs + val.srcs
+    # a plain raw file (the manifest holds its shape), so any tool can memory-map it
+    images = np.memmap(os.path.join(out, "images.u8"), dtype=np.uint8, mode="w+", shape=(max(len(srcs), 1), size, size, 3))
+    kept = {"train": [], "val": []}
+    n = 0
+    with Pool(workers or os.cpu_count()) as pool:
+        decoded = pool.imap(_load_sized, [(s, size) for s in srcs], chunksize=64)
+        for i, x in enumerate(tqdm(decoded, total=len(srcs), desc=f"prepare {size}px")):
+            split, j = ("train", i) if i < len(train.srcs) else ("val", i - len(train.srcs))
+            ds = train if split == "train" else val
+            if x is None:
+                train.log.add("corrupt image", len(ds.captions[j]))
+                continue
+            images[n] = x
+            kept[split].append(ds.captions[j])
+            n += 1
+    images.flush()
+    del images
+    os.truncate(os.path.join(out, "images.u8"), n * size * size * 3)  # drop the rows of skipped images
+    with open(os.path.join(out, "captions.json"), "w") as f:
+        json.dump(kept, f)
+    manifest = dict(source=spec, size=size, layout="uint8 (N, S, S, 3), train rows then val rows",
+                    n_images=n, n_train=len(kept["train"]), n_val=len(kept["val"]),
+                    pairs_total=train.log.total, pairs_kept=sum(len(c) for k in kept.values() for c in k),
+                    skipped=dict(train.log.counts), report=str(train.log), options={k: v for k, v in kw.items()})
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    print(f"prepared {out}: {n:,} images at {size}px; {train.log}")
+    return manifest
+
+
+def _load_sized(args):  # top level, so a Pool can pickle it
+    return load_image(*args)
+
+
+class Cached(ImageCaptions):
+    """A prepared cache: batch(idx) is one index into the memmap, no decoding."""
+
+    def __init__(self, root, split, img_size=32, seed=0, all_captions=False):
+        what = "images.u8, captions.json and manifest.json written by `python data.py prepare`"
+        for f in ("manifest.json", "captions.json", "images.u8"):
+            _need(os.path.join(root, f), what)
+        with open(os.path.join(root, "manifest.json")) as f:
+            self.manifest = m = json.load(f)
+        with open(os.path.join(root, "captions.json")) as f:
+            caps = json.load(f)[split]
+        log = SkipLog(f"cache:{root} (from {m['source']})", m["pairs_total"])
+        log.counts.update(m["skipped"])
+        super().__init__(f"cache:{split}", None, caps, log, img_size, seed, all_captions)
+        S, first = m["size"], 0 if split == "train" else m["n_train"]
+        self.images = np.memmap(os.path.join(root, "images.u8"), dtype=np.uint8, mode="r",
+                                shape=(m["n_images"], S, S, 3))[first:first + len(caps)]
+
+    def load_batch(self, idx, epoch):
+        img, cap = self._pairs(idx, epoch)
+        x = torch.from_numpy(self.images[img]).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+        if x.shape[-1] != self.img_size:  # a 64 px cache can feed a 32 px run
+            x = F.interpolate(x.float(), size=self.img_size, mode="bilinear", antialias=True, align_corners=False).clamp_(0, 255)
+        return x, [self.captions[i][c] for i, c in zip(img, cap)], []
+
+
+def augment(imgs, generator=None):
+    """Random resized crop (area 0.35-1 of the image, aspect 3/4-4/3) and horizontal flip, as
+    one affine grid_sample on whatever device imgs are on. imgs: float (B, 3, S, S); same shape out."""
+    B = imgs.shape[0]
+    r = torch.rand(B, 5, generator=generator).to(imgs.device)               # (B, 5) uniform draws
+    area, log_aspect = 0.35 + 0.65 * r[:, 0], (2 * r[:, 1] - 1) * np.log(4 / 3)
+    w = (area * log_aspect.exp()).sqrt().clamp(max=1)                        # crop width, fraction of the image
+    h = (area / log_aspect.exp()).sqrt().clamp(max=1)
+    cx, cy = (2 * r[:, 2] - 1) * (1 - w), (2 * r[:, 3] - 1) * (1 - h)        # crop centre, in [-1, 1] coordinates
+    flip = torch.where(r[:, 4] < 0.5, -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3, device=imgs.device)                         # output (x, y) -> input (x, y)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta, list(imgs.shape), align_corners=False)      # (B, S, S, 2)
+    return F.grid_sample(imgs, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# -----------------------------------------------------------------------------
 # Choosing a dataset by name, and the stream of training batches
 
-def build_caption_data(spec, img_size=32, seed=0, all_captions=False):
+CAPTION_KINDS = "shapes, coco:ROOT, flickr:ROOT, csv:FILE (.csv/.tsv/.jsonl), wds:DIR_OR_GLOB, cache:DIR"
+
+
+def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col="image", caption_col="caption", val_frac=0.05):
     """spec 'shapes' or 'KIND:PATH' -> (train, val) caption datasets.
     A caption dataset has __len__ (samples in an epoch), batch(idx, epoch) ->
-    (images (B, 3, S, S) float32 in [0, 1], list of B caption strings), and
-    vocab_captions() -> the training captions to build the tokenizer from."""
+    (images (B, 3, S, S) float32 in [0, 1], list of B caption strings),
+    vocab_captions() -> the training captions to build the tokenizer from, and report()
+    -> one line saying what was skipped (printed here, once)."""
     kind, _, path = spec.partition(":")
     if kind == "shapes":
         return Shapes(seed, img_size, "train"), Shapes(seed, img_size, "val")
-    raise ValueError(f"unknown dataset kind {kind!r} in --data={spec}; expected one of: shapes")
+    kw = dict(img_size=img_size, seed=seed, all_captions=all_captions)
+    if kind in ("coco", "flickr", "csv", "wds") and not path:
+        raise ValueError(f"--data={spec}: expected {kind}:PATH")
+    if kind == "coco":
+        train, val = load_coco(path, val_frac, **kw)
+    elif kind == "flickr":
+        train, val = load_flickr(path, val_frac, **kw)
+    elif kind == "csv":
+        train, val = load_csv(path, image_col, caption_col, val_frac, **kw)
+    elif kind == "wds":
+        train, val = load_wds(path, val_frac, **kw)
+    elif kind == "cache":
+        train, val = Cached(path, "train", **kw), Cached(path, "val", **kw)
+    else:
+        raise ValueError(f"unknown dataset kind {kind!r} in --data={spec}; expected one of: {CAPTION_KINDS}")
+    if len(train) == 0:
+        raise ValueError(f"--data={spec}: no usable training pairs ({train.report()})")
+    print(f"data: {len(train.captions):,} train / {len(val.captions):,} val images; {train.report()}")
+    return train, val
 
 
 def batch_indices(step, batch_size, n, seed):
@@ -276,21 +674,126 @@ def batch_indices(step, batch_size, n, seed):
     return np.asarray(out, dtype=np.int64), epochs[0]
 
 
-def batches(ds, start_step, batch_size, seed, rank=0, world=1):
-    """Yields (images, captions) of this rank's share of each global batch, from start_step on."""
+class _BatchReader(torch.utils.data.Dataset):
+    """Lets a DataLoader worker read one whole batch: the key is (indices, epoch)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __getitem__(self, key):
+        return self.ds.load_batch(*key)
+
+
+def batches(ds, start_step, batch_size, seed, rank=0, world=1, num_workers=0, device=None):
+    """Yields (images, captions) of this rank's share of each global batch, from start_step on.
+    With num_workers > 0, JPEG sources are decoded by DataLoader workers (pinned memory on CUDA);
+    the order is still a pure function of (seed, step): the workers only do the reading.
+    device: where the images go (converted to float there)."""
     assert batch_size % world == 0, f"batch_size {batch_size} must divide by the number of processes {world}"
     per_rank = batch_size // world
-    step = start_step
-    while True:
-        idx, epoch = batch_indices(step, batch_size, len(ds), seed)
-        yield ds.batch(idx[rank * per_rank:(rank + 1) * per_rank], epoch)
-        step += 1
+
+    def plan():  # (this rank's indices, epoch) of every step from start_step on
+        step = start_step
+        while True:
+            idx, epoch = batch_indices(step, batch_size, len(ds), seed)
+            yield idx[rank * per_rank:(rank + 1) * per_rank], epoch
+            step += 1
+
+    if not hasattr(ds, "load_batch"):  # shapes: generated in-process, already float
+        for idx, epoch in plan():
+            imgs, caps = ds.batch(idx, epoch)
+            yield to_float(imgs, device), caps
+        return
+    if num_workers == 0 or isinstance(ds, Cached):  # a memmap index needs no workers
+        reader = (ds.load_batch(idx, epoch) for idx, epoch in plan())
+    else:
+        reader = torch.utils.data.DataLoader(_BatchReader(ds), batch_size=None, sampler=plan(), num_workers=num_workers,
+                                             pin_memory=torch.cuda.is_available(), prefetch_factor=4)
+    for imgs, caps, new_bad in reader:
+        ds.note_bad(new_bad)  # corrupt images found in a worker are counted here, in the main process
+        yield to_float(imgs, device), caps
+
+
+# -----------------------------------------------------------------------------
+# Probe datasets: labelled images, all decoded once into one uint8 tensor
+
+class ImageLabels(torch.utils.data.Dataset):
+    """(image float32 (3, S, S) in [0, 1], int label) from uint8 (N, 3, S, S) and int64 (N,) tensors."""
+
+    def __init__(self, x, y, n_classes, name):
+        self.x, self.y, self.n_classes, self.name = x, y, n_classes, name
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i].float() / 255, int(self.y[i])
+
+
+def _resize_u8(x, img_size):  # uint8 (N, 3, S, S) -> uint8 (N, 3, img_size, img_size)
+    if x.shape[-1] == img_size:
+        return x
+    out = [F.interpolate(c.float(), size=img_size, mode="bilinear", antialias=True, align_corners=False) for c in x.split(4096)]
+    return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _cifar(kind, split, img_size, data_root):
+    import torchvision
+    cls, folder = {"cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
+                   "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python")}[kind]
+    try:
+        ds = cls(data_root, train=split == "train", download=True)
+    except Exception as e:  # offline: urllib raises, deep inside torchvision
+        raise RuntimeError(f"could not download {kind} into {os.path.abspath(data_root)} ({e}); "
+                           f"put the extracted {folder}/ folder there (or set --data_root)") from e
+    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (N, 3, 32, 32) uint8
+    return ImageLabels(_resize_u8(x, img_size), torch.tensor(ds.targets), len(ds.classes), kind)
+
+
+def _imagefolder(root, split, img_size, seed, classes, per_class):
+    what = "ROOT/train/<class>/*.jpg and ROOT/val/<class>/ (or ROOT/test/), an ImageFolder tree"
+    _need(root, what)
+    sub = "train" if split == "train" else next((s for s in ("val", "test") if os.path.isdir(os.path.join(root, s))), "val")
+    _need(os.path.join(root, sub), what)
+    # classes come from train/ in both splits, so the labels agree between them
+    _need(os.path.join(root, "train"), what)
+    names = sorted(d for d in os.listdir(os.path.join(root, "train")) if os.path.isdir(os.path.join(root, "train", d)))
+    if isinstance(classes, str) and classes not in ("", "0"):
+        with open(classes) as f:  # a file listing wnids, one a line (ImageNet-100 style)
+            wanted = [w.strip() for w in f if w.strip()]
+        if missing := sorted(set(wanted) - set(names)):
+            raise ValueError(f"{classes}: {len(missing)} classes not in {root}/train, e.g. {missing[:3]}")
+        names = sorted(wanted)
+    elif int(classes or 0) > 0 and int(classes) < len(names):  # a seeded subset of the sorted class names
+        names = sorted(np.random.default_rng(seed).choice(names, int(classes), replace=False).tolist())
+    files, labels = [], []
+    for y, c in enumerate(names):
+        d = os.path.join(root, sub, c)
+        fs = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTS)) if os.path.isdir(d) else []
+        fs = fs[:per_class] if per_class else fs  # sorted names, the first per_class: the same cap every run
+        files += [os.path.join(d, f) for f in fs]
+        labels += [y] * len(fs)
+    if not files:
+        raise FileNotFoundError(f"no images under {root}/{sub}: expected {what}")
+    with Pool(min(os.cpu_count(), 8)) as pool:
+        xs = list(tqdm(pool.imap(_load_sized, [(f, img_size) for f in files], chunksize=256),
+                       total=len(files), desc=f"{os.path.basename(os.path.normpath(root))}/{sub}", disable=len(files) < 5000))
+    keep = [i for i, x in enumerate(xs) if x is not None]
+    if len(keep) < len(files):
+        print(f"probe {root}/{sub}: skipped {len(files) - len(keep):,} of {len(files):,} images: could not decode", file=sys.stderr)
+    x = torch.from_numpy(np.stack([xs[i] for i in keep])).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
+    ds = ImageLabels(x, torch.tensor([labels[i] for i in keep]), len(names), f"imagefolder:{root}")
+    ds.classes = names
+    return ds
 
 
 def probe_dataset(spec, split, img_size=32, data_root="data", seed=0, classes=0, per_class=0):
-    """A labelled image dataset for linear probing: spec 'shapes' (task 'shape'),
-    'shapes:TASK' (a key of PROBE_TASKS). Returns a torch Dataset of (image float32
-    (3, S, S) in [0, 1], int label) with attributes n_classes and name."""
+    """A labelled image dataset for linear probing: 'shapes' (task 'shape'), 'shapes:TASK'
+    (a key of PROBE_TASKS), 'cifar10', 'cifar100' (torchvision, downloaded into data_root),
+    'imagefolder:ROOT' or 'imagenet:ROOT' (ROOT/train, ROOT/val or ROOT/test; classes: a number
+    for a seeded subset, or a file of wnids; per_class: cap on images per class, 0 = all).
+    Returns a torch Dataset of (image float32 (3, S, S) in [0, 1], int label) with attributes
+    n_classes and name."""
     kind, _, arg = spec.partition(":")
     if kind == "shapes":
         task = arg or "shape"
@@ -300,4 +803,60 @@ def probe_dataset(spec, split, img_size=32, data_root="data", seed=0, classes=0,
         ds = torch.utils.data.TensorDataset(*((xtr, ytr) if split == "train" else (xte, yte)))
         ds.n_classes, ds.name = n_classes, f"shapes:{task}"
         return ds
-    raise ValueError(f"unknown probe dataset {spec!r}; expected shapes[:TASK]")
+    if kind in ("cifar10", "cifar100"):
+        return _cifar(kind, split, img_size, data_root)
+    if kind in ("imagefolder", "imagenet"):
+        return _imagefolder(arg, split, img_size, seed, classes, per_class)
+    raise ValueError(f"unknown probe dataset {spec!r}; expected shapes[:TASK], cifar10, cifar100, imagefolder:ROOT or imagenet:ROOT")
+
+
+# -----------------------------------------------------------------------------
+# Command line: `python data.py prepare ...` writes a cache, `python data.py bench ...`
+# compares feeding speed of the JPEG path and the cached path.
+
+def bench(spec, size, cache, batch_size=256, workers=2, n_batches=10, **kw):
+    """Images per second: (a) PIL decode + resize in a DataLoader with `workers` workers, and
+    (b) the cache: memmap index + to float + augment, both at size px, median over batches."""
+    def rate(stream, n_warm=3):
+        for _ in range(n_warm):
+            next(stream)
+        times = []
+        for _ in range(n_batches):
+            t = time.perf_counter()
+            imgs, _ = next(stream)
+            times.append(time.perf_counter() - t)
+        return batch_size / float(np.median(times))
+
+    train, _ = build_caption_data(spec, img_size=size, **kw)
+    jpeg = rate(batches(train, 0, batch_size, 0, num_workers=workers))
+    if not os.path.exists(os.path.join(cache, "manifest.json")):
+        prepare(spec, size, cache, **kw)
+    ctrain, _ = build_caption_data(f"cache:{cache}", img_size=size)
+    raw = rate(batches(ctrain, 0, batch_size, 0))
+    g = torch.Generator().manual_seed(0)
+    aug = rate((augment(x, g), c) for x, c in batches(ctrain, 0, batch_size, 0))
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{size}px, batch {batch_size}, median of {n_batches} batches after 3 warm-up")
+    print(f"(a) JPEG + PIL resize, DataLoader {workers} workers: {jpeg:10,.0f} images/s")
+    print(f"(b) cache, memmap index + float:           {raw:10,.0f} images/s  ({raw / jpeg:.1f}x)")
+    print(f"(b) cache, memmap index + float + augment: {aug:10,.0f} images/s  ({aug / jpeg:.1f}x; augment on the CPU here)")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="prepare a uint8 image cache, or benchmark data loading")
+    p.add_argument("command", choices=["prepare", "bench"])
+    p.add_argument("--data", required=True, help=CAPTION_KINDS)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--out", help="prepare: the cache folder to write; bench: where the cache is (made if absent)")
+    p.add_argument("--image_col", default="image")
+    p.add_argument("--caption_col", default="caption")
+    p.add_argument("--val_frac", type=float, default=0.05)
+    p.add_argument("--workers", type=int, default=None)
+    a = p.parse_args()
+    if not a.out:
+        p.error("--out=DIR is required")
+    kw = dict(image_col=a.image_col, caption_col=a.caption_col, val_frac=a.val_frac)
+    if a.command == "prepare":
+        prepare(a.data, a.size, a.out, workers=a.workers, **kw)
+    else:
+        bench(a.data, a.size, a.out, workers=a.workers or 2, **kw)
