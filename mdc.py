@@ -1,0 +1,758 @@
+"""
+Masked diffusion captioning (MDC) for visual feature learning, in one file.
+
+A ViT encodes the image; a text decoder that cross-attends to the image tokens
+recovers a caption whose tokens were replaced by [MASK] with probability t,
+t ~ U(t_min, 1), and the masked cross-entropy is weighted by 1/t (Feng, Wei,
+Owens 2025, following MDLM/LLaDA). After training the decoder is dropped and the
+encoder is judged by a linear probe. The baselines share the same encoder and
+decoder and differ only in corruption and attention: `ar` (autoregressive
+captioning), `cappa` (CapPa's parallel prediction) and `clip`/`siglip`
+(contrastive, the decoder becomes a text encoder).
+
+    python mdc.py                       # MDC on the built-in synthetic data, CPU, minutes
+    python mdc.py --objective=ar        # the same with autoregressive captioning
+    torchrun --nproc_per_node=2 mdc.py  # DDP (nccl on CUDA, gloo on CPU)
+"""
+import difflib
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from data import BOS, EOS, MASK, PAD
+
+# -----------------------------------------------------------------------------
+# Config: every field is a command-line flag, --key=value
+
+
+@dataclass
+class Config:
+    # what to train
+    objective: str = "mdc"      # mdc | ar | cappa | clip | siglip
+    model: str = "tiny"         # size preset (PRESETS below); explicit flags override it
+    data: str = "shapes"        # shapes | coco:ROOT | flickr:ROOT | csv:FILE | wds:DIR | cache:DIR
+    image_col: str = "image"    # column names for --data=csv:FILE
+    caption_col: str = "caption"
+    all_captions: bool = False  # iterate every (image, caption) pair instead of one caption per image per epoch
+    augment: bool = False       # random resized crop + flip on the device (real data)
+    num_workers: int = 0        # DataLoader workers for image decoding (real data)
+    # encoder (ViT) and decoder sizes
+    img_size: int = 32
+    patch_size: int = 4
+    width: int = 128            # encoder and decoder width (CapPa uses one width for both)
+    enc_depth: int = 4
+    dec_depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    max_len: int = 24           # caption tokens including [EOS]
+    vocab_min_count: int = 1    # words seen fewer times become [UNK]
+    # objective knobs
+    t_min: float = 0.5          # mdc: t ~ U(t_min, 1); the 1/t weight is at most 1/t_min
+    mdc_weight: str = "elbo"    # mdc: elbo = 1/t-weighted masked CE over real tokens; none = mean masked CE
+    antithetic: bool = True     # mdc: low-discrepancy t across the batch (MDLM), lowers loss variance
+    cappa_frac: float = 0.75    # cappa: fraction of examples with all tokens masked (parallel prediction)
+    qk_norm: bool = False       # LayerNorm on queries and keys: bounds attention logits (stability)
+    z_loss: float = 0.0         # weight of log(Z)^2 on the decoder's logits (stability, PaLM)
+    # optimisation
+    batch_size: int = 128       # global batch, split across DDP processes
+    steps: int = 1500
+    lr: float = 1e-3
+    warmup: float = 0.05        # fraction of steps with linear warm-up, then cosine to 0
+    weight_decay: float = 0.05
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_every: int = 500       # validation loss every so many steps (0 = never)
+    ckpt_every: int = 500       # checkpoint every so many steps (always at the end)
+    log_every: int = 50
+    sample_steps: int = 0       # mdc generation: denoising steps (0 = one token per step)
+    sample_order: str = "confidence"  # mdc generation: confidence (MaskGIT) | random (MDLM ancestral)
+    probe: str = "shapes"       # probe dataset at the end of training ("" to skip)
+    seed: int = 0
+    out_dir: str = "out"
+    resume: bool = False        # continue from out_dir/ckpt.pt
+    stop_after: int = 0         # end this run after so many steps (checkpointed); --resume goes on
+    # speed
+    device: str = "auto"        # auto | cpu | cuda
+    compile: bool = False       # torch.compile the model (CUDA)
+    bench: bool = False         # time training steps and report images/s and MFU, then exit
+    bench_steps: int = 10
+
+
+PRESETS = {  # DiT-style named sizes
+    "tiny": dict(img_size=32, patch_size=4, width=128, enc_depth=4, dec_depth=2, heads=4),  # CPU, minutes
+    "small": dict(img_size=224, patch_size=16, width=384, enc_depth=12, dec_depth=6, heads=6),  # ViT-S/16, one GPU
+    "base": dict(img_size=224, patch_size=16, width=768, enc_depth=12, dec_depth=6, heads=12),  # ViT-B/16, as CapPa
+}
+OBJECTIVES = ("mdc", "ar", "cappa", "clip", "siglip")
+
+
+def parse_args(argv):
+    """--key=value flags -> Config. --model=NAME applies a preset first; explicit flags win."""
+    names = {f.name: f for f in fields(Config)}
+    overrides = {}
+    for arg in argv:
+        key, eq, val = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean --{close[0]}?" if close else ""
+            raise SystemExit(f"unknown argument {arg!r}.{hint} Valid flags (--key=value, defaults of --model=tiny):\n  "
+                             + "\n  ".join(f"--{n}={f.default!r}" for n, f in names.items()))
+        typ = names[key].type
+        try:
+            if typ == "bool" or typ is bool:
+                if val.lower() not in ("", "1", "true", "0", "false"):
+                    raise ValueError
+                overrides[key] = val.lower() in ("", "1", "true")  # a bare --flag means True
+            else:
+                overrides[key] = {"int": int, "float": float, "str": str}.get(typ, typ)(val) if eq else None
+                if overrides[key] is None:
+                    raise ValueError
+        except ValueError:
+            raise SystemExit(f"--{key} expects a {getattr(typ, '__name__', typ)}, got {val!r}")
+    preset = overrides.get("model", Config.model)
+    if preset not in PRESETS:
+        raise SystemExit(f"--model must be one of {list(PRESETS)}, got {preset!r}")
+    cfg = Config(**{**PRESETS[preset], **overrides})
+    checks = [(cfg.objective in OBJECTIVES, f"--objective must be one of {OBJECTIVES}"),
+              (cfg.mdc_weight in ("elbo", "none"), "--mdc_weight must be elbo or none"),
+              (0 < cfg.t_min <= 1, "--t_min must be in (0, 1]"),
+              (cfg.sample_order in ("confidence", "random"), "--sample_order must be confidence or random"),
+              (cfg.img_size % cfg.patch_size == 0, "--img_size must be a multiple of --patch_size"),
+              (cfg.width % cfg.heads == 0, "--width must be a multiple of --heads")]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(msg)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Building blocks: attention, MLP, a pre-LN block with optional cross-attention
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, qk_norm=False, cross=False):
+        super().__init__()
+        self.heads, self.cross = heads, cross
+        # self-attention: one fused q,k,v matmul; cross-attention: q from text, k,v from image
+        self.qkv = nn.Linear(dim, dim if cross else 3 * dim)
+        self.kv = nn.Linear(dim, 2 * dim) if cross else None
+        self.proj = nn.Linear(dim, dim)
+        hd = dim // heads
+        self.q_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
+
+    def forward(self, x, ctx=None, mask=None):
+        B, T, D = x.shape
+        H = self.heads
+        if self.cross:
+            S = ctx.shape[1]
+            q = self.qkv(x).view(B, T, H, D // H).transpose(1, 2)                     # (B, H, T, hd)
+            k, v = self.kv(ctx).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)      # 2 x (B, H, S, hd)
+        else:
+            q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)   # 3 x (B, H, T, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        # mask: bool, True = may attend; None lets SDPA pick the flash kernel (encoder)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))                          # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: self-attention, optional cross-attention to image tokens, MLP."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, qk_norm=False, cross=False):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, qk_norm)
+        self.ln_x = nn.LayerNorm(dim) if cross else None
+        self.xattn = Attention(dim, heads, qk_norm, cross=True) if cross else None
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(mlp_ratio * dim)), nn.GELU(), nn.Linear(int(mlp_ratio * dim), dim))
+
+    def forward(self, x, mask=None, ctx=None):
+        x = x + self.attn(self.ln1(x), mask=mask)
+        if self.xattn is not None:
+            x = x + self.xattn(self.ln_x(x), ctx=ctx)
+        return x + self.mlp(self.ln2(x))
+
+
+# -----------------------------------------------------------------------------
+# Models: the ViT encoder, the text transformer (decoder or CLIP text encoder)
+
+
+class ViT(nn.Module):
+    """images (B, 3, S, S) in [0, 1] -> tokens (B, N, D) after the final LayerNorm. No [CLS]:
+    probe features are the mean of the tokens (CapPa probes the mean-pooled pre-logits)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.width
+        self.patch = nn.Conv2d(3, D, cfg.patch_size, cfg.patch_size)
+        self.pos = nn.Parameter(torch.randn(1, (cfg.img_size // cfg.patch_size) ** 2, D) * 0.02)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.enc_depth))
+        self.ln = nn.LayerNorm(D)
+        # normalise inside the model so every caller just feeds [0, 1] images
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, imgs):
+        x = self.patch((imgs - self.mean) / self.std)         # (B, D, S/p, S/p)
+        x = x.flatten(2).transpose(1, 2) + self.pos           # (B, N, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln(x)
+
+    def features(self, imgs):
+        return self.forward(imgs).mean(1)                     # (B, D)
+
+
+def attention_mask(real, causal):
+    """real: (B, L) bool, False at [PAD]; causal: bool or (B,) bool tensor (cappa mixes both).
+    Returns (B, 1, L, L) bool, True = query may attend key. Pads are never keys, so they
+    cannot influence real positions; every query sees at least position 0 (never a pad)."""
+    B, L = real.shape
+    allowed = real[:, None, None, :].expand(B, 1, L, L)                   # (B, 1, L, L) keys that are real
+    if causal is False:
+        return allowed
+    tril = torch.ones(L, L, dtype=torch.bool, device=real.device).tril()  # (L, L)
+    causal = torch.as_tensor(causal, device=real.device).view(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
+    return allowed & (tril | ~causal)
+
+
+class TextTransformer(nn.Module):
+    """tokens (B, L) -> hidden states (B, L, D). With cross=True it is the captioning decoder,
+    attending to the image tokens v (B, N, D); with cross=False it is CLIP's text encoder."""
+
+    def __init__(self, cfg, vocab_size, cross=True):
+        super().__init__()
+        D = cfg.width
+        self.tok = nn.Embedding(vocab_size, D)
+        self.pos = nn.Parameter(torch.randn(1, cfg.max_len, D) * 0.02)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, cross) for _ in range(cfg.dec_depth))
+        self.ln = nn.LayerNorm(D)
+
+    def forward(self, tokens, real, causal=False, v=None):
+        L = tokens.shape[1]
+        x = self.tok(tokens) + self.pos[:, :L]                # (B, L, D)
+        mask = attention_mask(real, causal)
+        for blk in self.blocks:
+            x = blk(x, mask=mask, ctx=v)
+        return self.ln(x)
+
+
+class Model(nn.Module):
+    """Encoder + decoder (captioning objectives) or encoder + text encoder (clip, siglip)."""
+
+    def __init__(self, cfg, vocab_size, len_hist=None):
+        super().__init__()
+        self.contrastive = cfg.objective in ("clip", "siglip")
+        self.encoder = ViT(cfg)
+        self.text = TextTransformer(cfg, vocab_size, cross=not self.contrastive)
+        if self.contrastive:
+            self.img_proj = nn.Linear(cfg.width, cfg.width, bias=False)
+            self.txt_proj = nn.Linear(cfg.width, cfg.width, bias=False)
+            # CLIP: s = exp(log_s), init 1/0.07; SigLIP: s = 10, b = -10
+            init_s, init_b = (1 / 0.07, 0.0) if cfg.objective == "clip" else (10.0, -10.0)
+            self.log_scale = nn.Parameter(torch.tensor(math.log(init_s)))
+            self.logit_bias = nn.Parameter(torch.tensor(init_b))
+        else:
+            self.head = nn.Linear(cfg.width, vocab_size, bias=False)
+        # caption-length prior (counts of lengths incl. [EOS]); mdc generation draws L' from it
+        self.register_buffer("len_hist", torch.ones(cfg.max_len + 1) if len_hist is None else len_hist.float())
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def decode(self, tokens, v, real, causal=False):
+        """Logits (B, L, V) of the caption tokens given image tokens v (B, N, D)."""
+        logits = self.head(self.text(tokens, real, causal, v))  # (B, L, V)
+        # [MASK] is never a target, so it is never predicted (MDLM sets its logit to -inf)
+        return logits.index_fill(-1, torch.tensor([MASK], device=logits.device), float("-inf"))
+
+    def embed(self, v, tokens, real):
+        """Contrastive embeddings: image (B, D) from mean-pooled tokens, text (B, D) at [EOS]."""
+        img = F.normalize(self.img_proj(v.mean(1)), dim=-1)
+        h = self.text(tokens, real)                              # (B, L, D), bidirectional
+        eos = real.sum(1) - 1                                    # (B,) [EOS] is the last real token
+        txt = F.normalize(self.txt_proj(h[torch.arange(len(h)), eos]), dim=-1)
+        return img, txt
+
+    def forward(self, imgs, tokens, real, causal=False):
+        # the single entry point, so DistributedDataParallel sees every parameter used
+        v = self.encoder(imgs)
+        return self.embed(v, tokens, real) if self.contrastive else self.decode(tokens, v, real, causal)
+
+
+# -----------------------------------------------------------------------------
+# Noise schedule and the objectives. Each objective is a pure function of
+# (model, images, tokens, uniforms) returning (loss, n): n is the count the loss
+# is normalised by, so DDP can renormalise by the global count.
+
+
+def sample_t(u, t_min):
+    """Mask ratio per caption: t ~ U(t_min, 1), from uniforms u in [0, 1)."""
+    return t_min + (1 - t_min) * u
+
+
+def draw_noise(cfg, B, step, salt=0):
+    """Uniforms for the global batch at `step`: u (B,) picks t (or the cappa branch),
+    r (B, L) decides which tokens are masked. A pure function of (seed, step), so a resumed
+    run and a DDP run (each rank slices the global draw) see the same noise."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
+    if cfg.antithetic:  # MDLM: u_i = (u0 + i/B) mod 1 spreads t evenly over the batch
+        u = (torch.rand(1, generator=g) + torch.arange(B) / B) % 1
+        u = u[torch.randperm(B, generator=g)]  # so no rank gets only the small t's
+    else:
+        u = torch.rand(B, generator=g)
+    return u, torch.rand(B, cfg.max_len, generator=g)
+
+
+def token_ce(logits, x):
+    return F.cross_entropy(logits.transpose(1, 2), x, reduction="none")     # (B, L)
+
+
+def z_penalty(logits, real, z_loss):
+    """z-loss: pushes log Z of the logits towards 0 so they cannot drift (PaLM)."""
+    if not z_loss:
+        return 0.0
+    return z_loss * (torch.logsumexp(logits.float(), -1) ** 2 * real).sum() / real.sum()
+
+
+def mdc_loss(model, imgs, x, u, r, cfg):
+    """Masked diffusion captioning. x: (B, L) ids with [PAD]; u: (B,); r: (B, L) uniforms."""
+    real = x != PAD                                            # (B, L)
+    t = sample_t(u, cfg.t_min)                                 # (B,) mask ratio per caption
+    masked = (r < t[:, None]) & real                           # (B, L) True = replaced by [MASK]
+    logits = model(imgs, torch.where(masked, MASK, x), real)   # (B, L, V), bidirectional
+    ce = token_ce(logits, x) * masked                          # (B, L) CE at masked tokens only
+    if cfg.mdc_weight == "elbo":  # 1/t weight: the loss bounds -log p(x|image) (MDLM eq. 10, LLaDA)
+        n = real.sum()
+        loss = (ce / t[:, None]).sum() / n
+    else:                          # ablation: plain mean CE over the masked tokens
+        n = masked.sum().clamp(min=1)
+        loss = ce.sum() / n
+    return loss + z_penalty(logits, real, cfg.z_loss), n
+
+
+def ar_loss(model, imgs, x, u, r, cfg):
+    """Autoregressive captioning: input [BOS] + x[:-1], causal attention, CE on every real token."""
+    real = x != PAD
+    inp = torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)   # (B, L) shifted right
+    logits = model(imgs, inp, real, causal=True)
+    n = real.sum()
+    return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
+
+
+def cappa_loss(model, imgs, x, u, r, cfg):
+    """CapPa: with prob cappa_frac the input is all [MASK] with full attention (parallel
+    prediction, i.e. MDC at t=1); otherwise an ordinary AR example."""
+    real = x != PAD
+    parallel = u < cfg.cappa_frac                                       # (B,)
+    shifted = torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)
+    inp = torch.where(parallel[:, None], MASK, shifted)                 # (B, L)
+    logits = model(imgs, inp, real, causal=~parallel)
+    n = real.sum()
+    return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
+
+
+def clip_loss(model, imgs, x, u, r, cfg):
+    """CLIP: symmetric cross-entropy over the batch's image-text similarities."""
+    img, txt = model(imgs, x, x != PAD)                                 # (B, D) each
+    logits = model.log_scale.exp().clamp(max=100) * img @ txt.T         # (B, B)
+    labels = torch.arange(len(x), device=x.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2, len(x)
+
+
+def siglip_loss(model, imgs, x, u, r, cfg):
+    """SigLIP: every image-text pair is a binary problem, +1 on the diagonal, -1 elsewhere."""
+    img, txt = model(imgs, x, x != PAD)
+    logits = model.log_scale.exp() * img @ txt.T + model.logit_bias     # (B, B)
+    z = 2 * torch.eye(len(x), device=x.device) - 1
+    return -F.logsigmoid(z * logits).sum() / len(x), len(x)
+
+
+LOSSES = {"mdc": mdc_loss, "ar": ar_loss, "cappa": cappa_loss, "clip": clip_loss, "siglip": siglip_loss}
+
+
+# -----------------------------------------------------------------------------
+# Sampling and scoring
+
+
+@torch.no_grad()
+def generate(model, imgs, objective, max_len, steps=0, order="confidence", length=None, generator=None):
+    """Captions for images (B, 3, S, S) -> token ids (B, L'); decode with Tokenizer.decode (stops at [EOS]).
+    mdc: start from L' [MASK] tokens and unmask over `steps` rounds, the most confident first
+    (MaskGIT) or in random order (MDLM). L' comes from `length` (int or (B,) tensor) or is
+    drawn from the model's caption-length prior. ar / cappa: greedy left to right."""
+    v = model.encoder(imgs)
+    B, dev = len(imgs), imgs.device
+    if objective in ("ar", "cappa"):
+        x = torch.full((B, max_len), BOS, dtype=torch.long, device=dev)   # x[:, k] is input k
+        out = torch.full((B, max_len), PAD, dtype=torch.long, device=dev)
+        real = torch.ones(B, max_len, dtype=torch.bool, device=dev)
+        for k in range(max_len):  # causal: later (dummy) inputs cannot change position k
+            out[:, k] = model.decode(x, v, real, causal=True)[:, k].argmax(-1)
+            if k + 1 < max_len:
+                x[:, k + 1] = out[:, k]
+        return out
+    if objective != "mdc":
+        raise ValueError(f"{objective} has no decoder to generate with")
+    if length is None:
+        length = torch.multinomial(model.len_hist[1:].float().cpu(), B, True, generator=generator) + 1
+    length = torch.as_tensor(length, device=dev).expand(B)
+    Lp = int(length.max())
+    real = torch.arange(Lp, device=dev)[None] < length[:, None]       # (B, L')
+    x = torch.where(real, MASK, PAD)                                    # (B, L') all masked
+    steps = steps or Lp
+    for k in range(steps):
+        masked = x == MASK
+        logits = model.decode(x, v, real).float()                       # (B, L', V)
+        conf, pred = logits.softmax(-1).max(-1)                         # (B, L')
+        if order == "random":
+            conf = torch.rand(conf.shape, generator=generator).to(dev)
+        # keep round(n_masked_at_start * (1 - (k+1)/steps)) masked, commit the rest
+        keep = (length.float() * (1 - (k + 1) / steps)).floor().long()   # (B,)
+        n_commit = masked.sum(1) - keep                                  # (B,)
+        conf = conf.masked_fill(~masked, -1.0)
+        rank = conf.argsort(1, descending=True).argsort(1)               # (B, L') 0 = most confident
+        commit = masked & (rank < n_commit[:, None])
+        x = torch.where(commit, pred, x)
+    return x
+
+
+@torch.no_grad()
+def caption_logprob(model, v, x, objective, method="elbo", K=8, generator=None):
+    """A score of log p(caption | image) for scoring-based evaluation (higher = better).
+    v: (B, N, D) image tokens, x: (B, L) ids. ar/cappa: the exact log-likelihood.
+    mdc: method 'elbo' = minus the 1/t-weighted masked CE averaged over K (t, mask) draws
+    (a lower bound), 'pll' = each token masked alone, 'all' = every token masked at once."""
+    real = x != PAD
+    if objective in ("ar", "cappa"):
+        inp = torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)
+        return -(token_ce(model.decode(inp, v, real, causal=True).float(), x) * real).sum(1)
+    B, L = x.shape
+    if method == "all":
+        return -(token_ce(model.decode(torch.where(real, MASK, x), v, real).float(), x) * real).sum(1)
+    if method == "pll":
+        total = torch.zeros(B, device=x.device)
+        for k in range(L):
+            m = real & (torch.arange(L, device=x.device) == k)[None]
+            if m.any():
+                total -= (token_ce(model.decode(torch.where(m, MASK, x), v, real).float(), x) * m).sum(1)
+        return total
+    total = torch.zeros(B, device=x.device)
+    for _ in range(K):
+        t = torch.rand(B, generator=generator).to(x.device).clamp(min=1e-3)
+        m = (torch.rand(B, L, generator=generator).to(x.device) < t[:, None]) & real
+        ce = token_ce(model.decode(torch.where(m, MASK, x), v, real).float(), x) * m
+        total -= (ce / t[:, None]).sum(1) / K
+    return total
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step, cfg):
+    """Linear warm-up, then cosine decay to zero."""
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW; no weight decay on norms, biases, embeddings and positional tables (1-D or lookup)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "tok." in name or name.endswith("pos") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+
+
+def save_checkpoint(path, model, opt, cfg, tok, step):
+    """Plain tensors, numbers and strings only, so torch.load(..., weights_only=True) reads it.
+    Written to a temporary file and renamed: a crash never leaves half a checkpoint."""
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None,
+            "config": asdict(cfg), "vocab": tok.itos, "step": step,
+            "rng": torch.get_rng_state(), "torch_version": str(torch.__version__)}
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode, Config, Tokenizer, checkpoint dict)."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    cfg = Config(**ckpt["config"])
+    tok = data.Tokenizer(ckpt["vocab"])
+    model = Model(cfg, len(tok)).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg, tok, ckpt
+
+
+def pick_device(cfg):
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup_distributed(device):
+    """torchrun sets RANK/WORLD_SIZE: nccl on CUDA, gloo on CPU. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def caption_data(cfg):
+    """(train set, val set, tokenizer), the tokenizer built from the training captions."""
+    train, val = data.build_caption_data(cfg.data, img_size=cfg.img_size, seed=cfg.seed,
+                                         all_captions=cfg.all_captions)
+    caps = train.vocab_captions()
+    tok = data.Tokenizer.build(caps, cfg.vocab_min_count)
+    return train, val, tok, caps
+
+
+def length_histogram(tok, caps, max_len):
+    lengths = [min(len(data.split_words(c)), max_len - 1) + 1 for c in caps]
+    return torch.bincount(torch.tensor(lengths), minlength=max_len + 1)[:max_len + 1]
+
+
+@torch.no_grad()
+def evaluate(model, cfg, val, tok, device, autocast, n_batches=4):
+    """Mean validation loss on fixed batches with fixed noise, comparable across steps and runs."""
+    model.eval()
+    losses = []
+    for i in range(n_batches):
+        imgs, caps = val.batch(np.arange(i * cfg.batch_size, (i + 1) * cfg.batch_size), 0)
+        x = tok.batch(caps, cfg.max_len)[0].to(device)
+        u, r = draw_noise(cfg, len(x), i, salt=999)
+        with autocast:
+            losses.append(LOSSES[cfg.objective](model, imgs.to(device), x, u.to(device), r.to(device), cfg)[0].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(cfg):
+    from tqdm import tqdm
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ (DiT)
+    torch.backends.cudnn.allow_tf32 = True
+    device = pick_device(cfg)
+    rank, world, device = setup_distributed(device)
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+
+    train_set, val_set, tok, caps = caption_data(cfg)
+    model = Model(cfg, len(tok), length_histogram(tok, caps, cfg.max_len)).to(device)
+    opt = make_optimizer(model, cfg, device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    start = 0
+    if cfg.resume:
+        if not os.path.exists(ckpt_path):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt["vocab"] != tok.itos:
+            raise SystemExit("--resume: the checkpoint's vocabulary differs from this data's; same --data?")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+        if master:
+            print(f"resumed from {ckpt_path} at step {start}")
+    n_params = sum(p.numel() for p in model.encoder.parameters())
+    if master:
+        print(f"{cfg.objective} | {cfg.model}: encoder {n_params / 1e6:.2f}M params, "
+              f"total {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | vocab {len(tok)} | "
+              f"data {cfg.data} | device {device} x{world}")
+    train_model = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    loss_fn = LOSSES[cfg.objective]
+    stream = data.batches(train_set, start, cfg.batch_size, cfg.seed, rank, world)
+    per_rank = cfg.batch_size // world
+
+    def step_fn(step, imgs, caps):
+        x = tok.batch(caps, cfg.max_len)[0].to(device, non_blocking=True)
+        imgs = imgs.to(device, non_blocking=True)
+        if cfg.augment:
+            imgs = data.augment(imgs, torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step * world + rank))
+        u, r = draw_noise(cfg, cfg.batch_size, step)
+        u, r = (a[rank * per_rank:(rank + 1) * per_rank].to(device) for a in (u, r))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        with autocast:
+            loss, n = loss_fn(train_model, imgs, x, u, r, cfg)
+        scaled = loss
+        if world > 1:  # DDP averages gradients; rescale so the result is normalised by the global count
+            total = torch.as_tensor(n, dtype=torch.float, device=device).clone()
+            torch.distributed.all_reduce(total)
+            scaled = loss * n / (total / world)
+        opt.zero_grad(set_to_none=True)
+        scaled.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        return loss.detach(), gnorm
+
+    if cfg.bench:
+        return bench(cfg, model, step_fn, stream, device, master)
+
+    recent = []  # losses since the last check; checked together so the GPU is not synced every step
+    bar = tqdm(initial=start, total=cfg.steps, disable=not master, dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    end = min(cfg.steps, start + cfg.stop_after) if cfg.stop_after else cfg.steps
+    for step in range(start, end):
+        imgs, caps = next(stream)
+        loss, gnorm = step_fn(step, imgs, caps)
+        recent.append(loss)
+        seen += cfg.batch_size
+        bar.update()
+        last = step + 1 == end
+        if (step + 1) % cfg.log_every == 0 or last or (step + 1) % cfg.ckpt_every == 0:
+            vals = torch.stack(recent).float().cpu()
+            bad = (~torch.isfinite(vals)).nonzero()
+            if len(bad):
+                raise SystemExit(f"non-finite loss at step {step + 1 - len(vals) + int(bad[0])}; stopping. "
+                                 f"The last good checkpoint is {ckpt_path} (lower --lr, or try --qk_norm / --z_loss)")
+            recent = []
+            if master:
+                bar.set_postfix(loss=f"{vals.mean():.4f}", img_s=f"{seen / (time.time() - t0):.0f}",
+                                lr=f"{lr_at(step, cfg):.2e}")
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and master:
+            bar.write(f"step {step + 1}: val loss {evaluate(model, cfg, val_set, tok, device, autocast):.4f}")
+        if master and ((step + 1) % cfg.ckpt_every == 0 or last):
+            save_checkpoint(ckpt_path, model, opt, cfg, tok, step + 1)
+    bar.close()
+    if world > 1:
+        check_ranks_in_sync(model, master)
+        torch.distributed.destroy_process_group()
+    if not master:
+        return None
+    print(f"trained {end - start} steps in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
+    return model, tok, val_set, device
+
+
+def check_ranks_in_sync(model, master):
+    """DDP keeps replicas identical; verify it (cheap) and say so."""
+    import torch.distributed as dist
+    vec = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
+    hi, lo = vec.clone(), vec.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if master:
+        print(f"ranks in sync: max parameter difference across ranks {float((hi - lo).max()):.3g}")
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: images/s and model FLOPs utilisation (nanoGPT's estimate_mfu, measured)
+
+
+def matmul_peak(device, n=2048, reps=10):
+    """Measured fp32 matmul FLOP/s on this CPU (the CPU 'peak' to compare against)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / float(np.median(times))
+
+
+GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def bench(cfg, model, step_fn, stream, device, master):
+    from torch.utils.flop_counter import FlopCounterMode
+    imgs, caps = next(stream)
+    with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one step
+        step_fn(0, imgs, caps)
+    flops = fc.get_total_flops()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):  # warm-up (and compilation)
+        step_fn(0, imgs, caps)
+    times = []
+    for i in range(cfg.bench_steps):
+        sync()
+        t = time.perf_counter()
+        step_fn(i, imgs, caps)
+        sync()
+        times.append(time.perf_counter() - t)
+    dt = float(np.median(times))
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+        peak_txt = f"nominal bf16 peak of {name}"
+    else:
+        peak, peak_txt = matmul_peak(device), f"measured fp32 matmul peak, {torch.get_num_threads()} threads"
+    B = len(imgs)
+    tokens = B * cfg.max_len
+    mfu = flops / dt / peak if peak else float("nan")
+    if master:
+        print(f"bench {cfg.objective} {cfg.model} img {cfg.img_size} batch {B}: median step {dt * 1000:.1f} ms | "
+              f"{B / dt:.1f} img/s | {tokens / dt:.0f} caption tokens/s | {flops / B / 1e9:.2f} GFLOP/img | "
+              f"{flops / dt / 1e12:.3f} TFLOP/s | MFU {100 * mfu:.1f}% of {peak_txt} "
+              f"({(peak or 0) / 1e12:.3f} TFLOP/s)")
+        if device.type == "cuda":
+            print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return dict(step_s=dt, img_s=B / dt, flops=flops, mfu=mfu, peak=peak)
+
+
+# -----------------------------------------------------------------------------
+# main: train, then show captions and a quick probe against random initialisation
+
+
+def show_samples(model, cfg, tok, val_set, device, n=6):
+    if cfg.objective not in ("mdc", "ar", "cappa"):
+        return
+    imgs, caps = val_set.batch(np.arange(n), 0)
+    x = tok.batch(caps, cfg.max_len)[0]
+    length = (x != PAD).sum(1) if cfg.objective == "mdc" else None
+    out = generate(model, imgs.to(device), cfg.objective, cfg.max_len, cfg.sample_steps, cfg.sample_order,
+                   length=None if length is None else length.to(device), generator=torch.Generator().manual_seed(0))
+    note = " (mdc: caption length L' taken from the true caption)" if cfg.objective == "mdc" else ""
+    print(f"\nsample captions on validation images{note}:")
+    for c, o in zip(caps, out):
+        print(f"  true: {c}\n  gen:  {tok.decode(o)}")
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    out = train(cfg)
+    if out is None or cfg.bench:
+        return
+    model, tok, val_set, device = out
+    model.eval()
+    show_samples(model, cfg, tok, val_set, device)
+    if cfg.probe:
+        import probe
+        probe.quick_compare(model, cfg, device)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
