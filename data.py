@@ -771,7 +771,9 @@ def _imagefolder(root, split, img_size, seed, classes, per_class):
     # classes come from train/ in both splits, so the labels agree between them
     _need(os.path.join(root, "train"), what)
     names = sorted(d for d in os.listdir(os.path.join(root, "train")) if os.path.isdir(os.path.join(root, "train", d)))
-    if isinstance(classes, str) and classes not in ("", "0"):
+    if isinstance(classes, str) and classes.strip().isdigit():  # "100" from a command line is a count
+        classes = int(classes)
+    if isinstance(classes, str) and classes:
         with open(classes) as f:  # a file listing wnids, one a line (ImageNet-100 style)
             wanted = [w.strip() for w in f if w.strip()]
         if missing := sorted(set(wanted) - set(names)):

@@ -114,6 +114,8 @@ def test_bad_paths_and_kinds(tmp_path):
         data.probe_dataset("mnist", "train")
     with pytest.raises(FileNotFoundError, match="ImageFolder"):
         data.probe_dataset(f"imagefolder:{tmp_path}/nowhere", "train")
+    with pytest.raises(FileNotFoundError, match="ROOT/train/<class>"):  # a folder, but no train/ in it
+        data.probe_dataset(f"imagefolder:{tmp_path}", "train")
 
 
 def test_coco_uses_official_val(tmp_path):
@@ -273,7 +275,7 @@ def test_imagefolder_probe_classes_and_cap(tmp_path):
     assert ds.n_classes == 2 and len(ds) == 6 and ds.classes == ["n01", "n03"]
     x, y = ds[5]
     assert x.shape == (3, 8, 8) and y == 1 and color_of(x) == COLORS[3]
-    sub = [data.probe_dataset(f"imagenet:{tmp_path}", s, img_size=8, classes=3, seed=4) for s in ("train", "val")]
+    sub = [data.probe_dataset(f"imagenet:{tmp_path}", s, img_size=8, classes=c, seed=4) for s, c in (("train", 3), ("val", "3"))]
     assert sub[0].classes == sub[1].classes and len(sub[0].classes) == 3 and len(sub[0]) == 12
     for x, y in sub[1]:  # labels index the same class list in both splits
         assert color_of(x) == COLORS[int(sub[1].classes[y][-1])]
