@@ -336,7 +336,8 @@ class ImageCaptions:
         self.img_size, self.seed, self.all_captions = img_size, seed, all_captions
         self.n_caps = np.array([len(c) for c in captions], dtype=np.int64)
         self.pair_img = np.repeat(np.arange(len(captions)), self.n_caps)          # (P,) image of each pair
-        self.pair_cap = np.arange(len(self.pair_img)) - np.repeat(np.cumsum(self.n_caps) - self.n_caps, self.n_caps)
+        first = np.cumsum(self.n_caps) - self.n_caps                               # (N,) first pair of each image
+        self.pair_cap = np.arange(len(self.pair_img)) - np.repeat(first, self.n_caps)  # (P,) caption within its image
         self.bad = set()      # images that failed to decode, in this process: skipped from then on
         self.counted = set()  # those already counted in the log (workers find them, the main process counts)
 
