@@ -10,9 +10,11 @@ captions as strings that the tokenizer turns into (B, L) int64 ids.
     python data.py prepare --data=flickr:../shared/data/flickr8k --size=64 --out=/tmp/f8k64
     python data.py bench   --data=flickr:../shared/data/flickr8k --size=64 --out=/tmp/f8k64 --threads=1
 
-On a shared 2-core CPU box the cache fed 47k-132k images/s against 4.8k-6.6k for
-JPEG decoding in a 2-worker DataLoader (10-24x); augment() belongs on the GPU,
-on the CPU it is the bottleneck (12-16k images/s, bilinear, 1 thread).
+On a shared, heavily loaded 2-core CPU box (no GPU), with --threads=1, the cache fed
+116k-144k images/s against 3.2k-9.1k for JPEG decoding in a 2-worker DataLoader
+(13-45x, over 3 runs); with torch's default 2 threads, OpenMP fighting the other jobs
+for the cores cut the cache path to 16k-47k (4-10x). augment() belongs on the GPU:
+on this CPU it is the bottleneck (10k-16k images/s, bilinear, 1 thread).
 """
 import argparse
 import csv
