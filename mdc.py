@@ -43,6 +43,7 @@ class Config:
     image_col: str = "image"    # column names for --data=csv:FILE
     caption_col: str = "caption"
     all_captions: bool = False  # iterate every (image, caption) pair instead of one caption per image per epoch
+    val_frac: float = 0.05      # images held out for validation where the data has no split of its own
     augment: bool = False       # random resized crop + flip on the device (real data)
     num_workers: int = 0        # DataLoader workers for image decoding (real data)
     # encoder (ViT) and decoder sizes
@@ -527,8 +528,8 @@ def setup_distributed(device):
 
 def caption_data(cfg):
     """(train set, val set, tokenizer), the tokenizer built from the training captions."""
-    train, val = data.build_caption_data(cfg.data, img_size=cfg.img_size, seed=cfg.seed,
-                                         all_captions=cfg.all_captions)
+    train, val = data.build_caption_data(cfg.data, img_size=cfg.img_size, seed=cfg.seed, all_captions=cfg.all_captions,
+                                         image_col=cfg.image_col, caption_col=cfg.caption_col, val_frac=cfg.val_frac)
     caps = train.vocab_captions()
     tok = data.Tokenizer.build(caps, cfg.vocab_min_count)
     return train, val, tok, caps
@@ -544,8 +545,9 @@ def evaluate(model, cfg, val, tok, device, autocast, n_batches=4):
     """Mean validation loss on fixed batches with fixed noise, comparable across steps and runs."""
     model.eval()
     losses = []
+    n_batches = min(n_batches, len(val) // cfg.batch_size) or 1
     for i in range(n_batches):
-        imgs, caps = val.batch(np.arange(i * cfg.batch_size, (i + 1) * cfg.batch_size), 0)
+        imgs, caps = val.batch(np.arange(i * cfg.batch_size, min((i + 1) * cfg.batch_size, len(val))), 0)
         x = tok.batch(caps, cfg.max_len)[0].to(device)
         u, r = draw_noise(cfg, len(x), i, salt=999)
         with autocast:
@@ -566,6 +568,8 @@ def train(cfg):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     train_set, val_set, tok, caps = caption_data(cfg)
+    if master:
+        print(f"tokenizer: {len(tok)} words; " + data.truncation_report(tok, caps, cfg.max_len)[1])
     model = Model(cfg, len(tok), length_histogram(tok, caps, cfg.max_len)).to(device)
     opt = make_optimizer(model, cfg, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -593,7 +597,7 @@ def train(cfg):
     if cfg.compile:
         train_model = torch.compile(train_model)
     loss_fn = LOSSES[cfg.objective]
-    stream = data.batches(train_set, start, cfg.batch_size, cfg.seed, rank, world)
+    stream = data.batches(train_set, start, cfg.batch_size, cfg.seed, rank, world, cfg.num_workers, device)
     per_rank = cfg.batch_size // world
 
     def step_fn(step, imgs, caps):
@@ -653,6 +657,7 @@ def train(cfg):
     if not master:
         return None
     print(f"trained {end - start} steps in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
+    print(f"training data: {train_set.report()}")  # corrupt images are only found as they are decoded
     return model, tok, val_set, device
 
 
