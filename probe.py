@@ -16,9 +16,11 @@ random initialisation) and `pixels` (raw pixels) are the floors every table shou
   the exact log-likelihood, clip/siglip by cosine similarity.
 - `position_signal`: how much each caption position relies on the image.
 
-Speed (`python probe.py --bench`): the whole L-BFGS sweep on 50,000 x 384 features with
-100 classes takes about 40 s on 2 CPU cores (AMD EPYC, torch 2.14); the figure printed by
---bench is the one to quote.
+Speed (`python probe.py --bench`, 2 AMD EPYC cores shared with other jobs, load ~3, torch 2.14):
+the whole L-BFGS sweep (9 strengths on the hold-out + refit, 238 evaluations) on 50,000 x 384
+features with 100 classes took 127.7 s wall (143 s CPU); the ridge sweep 16.3 s. Not yet the
+60 s target on this machine; one evaluation is two (N x D x C) matmuls, so an idle machine or a GPU
+(--device) does better.
 """
 import argparse
 import hashlib
