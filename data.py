@@ -129,10 +129,11 @@ def _hash_uniform(seed, idx, field):
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def scene_attributes(seed, idx, n_objects=None):
+def scene_attributes(seed, idx, n_objects=None, spread=0.3):
     """Attributes of the scenes at indices idx (1-D array of ints).
     Returns a dict of numpy arrays, K = MAX_OBJECTS object slots per scene:
-    n (B,), shape (B, K), color (B, K), size (B, K), cell (B, K) in 0..8 (a 3x3 grid), jitter (B, K, 2)."""
+    n (B,), shape (B, K), color (B, K), size (B, K), cell (B, K) in 0..8 (a 3x3 grid), jitter (B, K, 2),
+    spread: how far (a fraction of a cell) an object may sit from its cell's centre."""
     idx = np.asarray(idx, dtype=np.int64)
     B, K = len(idx), MAX_OBJECTS
     u = lambda f: _hash_uniform(seed, idx, f)
@@ -144,7 +145,7 @@ def scene_attributes(seed, idx, n_objects=None):
     keys = np.stack([u(40 + c) for c in range(9)], 1)                 # (B, 9)
     cell = np.argsort(keys, axis=1)[:, :K]                             # (B, K)
     jitter = np.stack([np.stack([u(50 + 2 * k), u(51 + 2 * k)], 1) for k in range(K)], 1)  # (B, K, 2)
-    return dict(n=n, shape=shape, color=color, size=size, cell=cell, jitter=jitter,
+    return dict(n=n, shape=shape, color=color, size=size, cell=cell, jitter=jitter, spread=spread,
                 u_text=np.stack([u(100 + j) for j in range(16)], 1))  # (B, 16) draws for the grammar
 
 
@@ -153,10 +154,10 @@ def render(attrs, img_size=32, seed=0, idx=None):
     B, K = attrs["shape"].shape
     S = img_size
     cell_px = S / 3.0
-    # object centres in pixels: the cell centre plus up to +-15% of a cell of jitter
-    cy = (attrs["cell"] // 3 + 0.5 + 0.3 * (attrs["jitter"][..., 0] - 0.5)) * cell_px  # (B, K)
-    cx = (attrs["cell"] % 3 + 0.5 + 0.3 * (attrs["jitter"][..., 1] - 0.5)) * cell_px
-    radius = np.where(attrs["size"] == 1, 0.42, 0.26) * cell_px                        # (B, K)
+    # object centres in pixels: the cell centre plus up to +-spread/2 of a cell of jitter
+    cy = (attrs["cell"] // 3 + 0.5 + attrs["spread"] * (attrs["jitter"][..., 0] - 0.5)) * cell_px  # (B, K)
+    cx = (attrs["cell"] % 3 + 0.5 + attrs["spread"] * (attrs["jitter"][..., 1] - 0.5)) * cell_px
+    radius = np.where(attrs["size"] == 1, 0.48, 0.34) * cell_px                        # (B, K)
     yy, xx = np.meshgrid(np.arange(S) + 0.5, np.arange(S) + 0.5, indexing="ij")      # (S, S)
     dy = (yy[None, None] - cy[..., None, None]) / radius[..., None, None]             # (B, K, S, S)
     dx = (xx[None, None] - cx[..., None, None]) / radius[..., None, None]
@@ -265,12 +266,14 @@ PROBE_TASKS = {  # name -> (number of classes, label of a single-object scene)
 def shapes_probe(task="shape", n_train=5000, n_test=2000, img_size=32, seed=0):
     """A labelled probe set from the same generator: single-object scenes, label from PROBE_TASKS.
     Seeded apart from pre-training data (different seed) so no probe image was seen in training.
+    The object may sit anywhere in its cell (spread 0.8, not 0.3): a pixel template per cell
+    then no longer fits, so a linear probe on raw pixels stays a low floor.
     Returns (x_train, y_train, x_test, y_test, n_classes)."""
     n_classes, label = PROBE_TASKS[task]
     out = []
     for off, n in ((0, n_train), (1 << 41, n_test)):
         idx = np.arange(n, dtype=np.int64) + off
-        attrs = scene_attributes(seed + 12345, idx, n_objects=1)
+        attrs = scene_attributes(seed + 12345, idx, n_objects=1, spread=0.8)
         out += [render(attrs, img_size, seed + 12345, idx), torch.from_numpy(label(attrs).astype(np.int64))]
     return (*out, n_classes)
 
