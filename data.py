@@ -115,6 +115,10 @@ SYNONYMS = {  # the grammar picks one at random, so a caption is not a fixed str
 }
 INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 MAX_OBJECTS = 3
+GRID = 3                  # objects sit in distinct cells of a GRID x GRID grid
+RADIUS = (0.34, 0.48)     # object radius (small, large), a fraction of a cell
+ROW_WORDS = ["at the top", "in the middle", "at the bottom"] if GRID == 3 else ["at the top", "at the bottom"]
+COLUMN_WORDS = [" on the left", "", " on the right"] if GRID == 3 else [" on the left", " on the right"]
 
 
 def _hash_uniform(seed, idx, field):
@@ -132,7 +136,7 @@ def _hash_uniform(seed, idx, field):
 def scene_attributes(seed, idx, n_objects=None, spread=0.3):
     """Attributes of the scenes at indices idx (1-D array of ints).
     Returns a dict of numpy arrays, K = MAX_OBJECTS object slots per scene:
-    n (B,), shape (B, K), color (B, K), size (B, K), cell (B, K) in 0..8 (a 3x3 grid), jitter (B, K, 2),
+    n (B,), shape (B, K), color (B, K), size (B, K), cell (B, K) in 0..GRID*GRID-1, jitter (B, K, 2),
     spread: how far (a fraction of a cell) an object may sit from its cell's centre."""
     idx = np.asarray(idx, dtype=np.int64)
     B, K = len(idx), MAX_OBJECTS
@@ -141,8 +145,8 @@ def scene_attributes(seed, idx, n_objects=None, spread=0.3):
     shape = np.stack([(u(10 + k) * len(SHAPES)).astype(int) for k in range(K)], 1)
     color = np.stack([(u(20 + k) * len(COLORS)).astype(int) for k in range(K)], 1)
     size = np.stack([(u(30 + k) * 2).astype(int) for k in range(K)], 1)
-    # distinct cells of a 3x3 grid: rank 9 hashed keys per scene, take the first K
-    keys = np.stack([u(40 + c) for c in range(9)], 1)                 # (B, 9)
+    # distinct cells of the grid: rank GRID*GRID hashed keys per scene, take the first K
+    keys = np.stack([u(40 + c) for c in range(GRID * GRID)], 1)       # (B, GRID*GRID)
     cell = np.argsort(keys, axis=1)[:, :K]                             # (B, K)
     jitter = np.stack([np.stack([u(50 + 2 * k), u(51 + 2 * k)], 1) for k in range(K)], 1)  # (B, K, 2)
     return dict(n=n, shape=shape, color=color, size=size, cell=cell, jitter=jitter, spread=spread,
@@ -153,11 +157,11 @@ def render(attrs, img_size=32, seed=0, idx=None):
     """Draw the scenes: float tensor (B, 3, img_size, img_size) in [0, 1]."""
     B, K = attrs["shape"].shape
     S = img_size
-    cell_px = S / 3.0
+    cell_px = S / GRID
     # object centres in pixels: the cell centre plus up to +-spread/2 of a cell of jitter
-    cy = (attrs["cell"] // 3 + 0.5 + attrs["spread"] * (attrs["jitter"][..., 0] - 0.5)) * cell_px  # (B, K)
-    cx = (attrs["cell"] % 3 + 0.5 + attrs["spread"] * (attrs["jitter"][..., 1] - 0.5)) * cell_px
-    radius = np.where(attrs["size"] == 1, 0.48, 0.34) * cell_px                        # (B, K)
+    cy = (attrs["cell"] // GRID + 0.5 + attrs["spread"] * (attrs["jitter"][..., 0] - 0.5)) * cell_px  # (B, K)
+    cx = (attrs["cell"] % GRID + 0.5 + attrs["spread"] * (attrs["jitter"][..., 1] - 0.5)) * cell_px
+    radius = np.where(attrs["size"] == 1, RADIUS[1], RADIUS[0]) * cell_px                       # (B, K)
     yy, xx = np.meshgrid(np.arange(S) + 0.5, np.arange(S) + 0.5, indexing="ij")      # (S, S)
     dy = (yy[None, None] - cy[..., None, None]) / radius[..., None, None]             # (B, K, S, S)
     dx = (xx[None, None] - cx[..., None, None]) / radius[..., None, None]
@@ -202,17 +206,16 @@ def describe(attrs, i):
         return f"a {size} {COLOR_NAMES[attrs['color'][i, k]]} {shape}"
 
     def relation(a, b):  # where a is relative to b, from the grid cells (never the same cell)
-        ra, ca = divmod(int(attrs["cell"][i, a]), 3)
-        rb, cb = divmod(int(attrs["cell"][i, b]), 3)
+        ra, ca = divmod(int(attrs["cell"][i, a]), GRID)
+        rb, cb = divmod(int(attrs["cell"][i, b]), GRID)
         if abs(ra - rb) >= abs(ca - cb):
             return "above" if ra < rb else "below"
         return "left of" if ca < cb else "right of"
 
     if n == 1:
-        r, c = divmod(int(attrs["cell"][i, 0]), 3)
-        where = {0: "at the top", 1: "in the middle", 2: "at the bottom"}[r]
-        side = {0: " on the left", 1: "", 2: " on the right"}[c]
-        return _pick([f"{noun(0, u[0])} {where}{side}", f"there is {noun(0, u[0])} {where}{side}"], u[1])
+        r, c = divmod(int(attrs["cell"][i, 0]), GRID)
+        where = ROW_WORDS[r] + COLUMN_WORDS[c]
+        return _pick([f"{noun(0, u[0])} {where}", f"there is {noun(0, u[0])} {where}"], u[1])
 
     def clause(a, b, ua, ub, uw):
         rel = relation(a, b)
