@@ -769,7 +769,9 @@ def _cifar(kind, split, img_size, data_root):
         raise RuntimeError(f"could not download {kind} into {os.path.abspath(data_root)} ({e}); "
                            f"put the extracted {folder}/ folder there (or set --data_root)") from e
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (N, 3, 32, 32) uint8
-    return ImageLabels(_resize_u8(x, img_size), torch.tensor(ds.targets), len(ds.classes), kind)
+    out = ImageLabels(_resize_u8(x, img_size), torch.tensor(ds.targets), len(ds.classes), kind)
+    out.classes = list(ds.classes)  # class names, for zero-shot prompts
+    return out
 
 
 def _imagefolder(root, split, img_size, seed, classes, per_class):
