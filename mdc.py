@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from data import BOS, EOS, MASK, PAD
+from data import BOS, MASK, PAD
 
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag, --key=value
@@ -65,15 +65,15 @@ class Config:
     z_loss: float = 0.0         # weight of log(Z)^2 on the decoder's logits (stability, PaLM)
     # optimisation
     batch_size: int = 128       # global batch, split across DDP processes
-    steps: int = 1500
-    lr: float = 1e-3
+    steps: int = 800
+    lr: float = 2e-3
     warmup: float = 0.05        # fraction of steps with linear warm-up, then cosine to 0
     weight_decay: float = 0.05
     beta2: float = 0.95
     grad_clip: float = 1.0
     # evaluation, logging, checkpoints
-    eval_every: int = 500       # validation loss every so many steps (0 = never)
-    ckpt_every: int = 500       # checkpoint every so many steps (always at the end)
+    eval_every: int = 400       # validation loss every so many steps (0 = never)
+    ckpt_every: int = 400       # checkpoint every so many steps (always at the end)
     log_every: int = 50
     sample_steps: int = 0       # mdc generation: denoising steps (0 = one token per step)
     sample_order: str = "confidence"  # mdc generation: confidence (MaskGIT) | random (MDLM ancestral)
@@ -91,8 +91,10 @@ class Config:
 
 PRESETS = {  # DiT-style named sizes
     "tiny": dict(img_size=32, patch_size=4, width=128, enc_depth=4, dec_depth=2, heads=4),  # CPU, minutes
-    "small": dict(img_size=224, patch_size=16, width=384, enc_depth=12, dec_depth=6, heads=6),  # ViT-S/16, one GPU
-    "base": dict(img_size=224, patch_size=16, width=768, enc_depth=12, dec_depth=6, heads=12),  # ViT-B/16, as CapPa
+    "small": dict(img_size=224, patch_size=16, width=384, enc_depth=12, dec_depth=6, heads=6,  # ViT-S/16, one GPU
+                  batch_size=256, lr=1e-3, steps=20000, max_len=32),
+    "base": dict(img_size=224, patch_size=16, width=768, enc_depth=12, dec_depth=6, heads=12,  # ViT-B/16, as CapPa
+                 batch_size=256, lr=1e-3, steps=20000, max_len=32),
 }
 OBJECTIVES = ("mdc", "ar", "cappa", "clip", "siglip")
 
@@ -129,7 +131,7 @@ def parse_args(argv):
               (0 < cfg.t_min <= 1, "--t_min must be in (0, 1]"),
               (cfg.sample_order in ("confidence", "random"), "--sample_order must be confidence or random"),
               (cfg.img_size % cfg.patch_size == 0, "--img_size must be a multiple of --patch_size"),
-              (cfg.width % cfg.heads == 0, "--width must be a multiple of --heads")]
+              (cfg.width % cfg.heads == 0 and cfg.width % 4 == 0, "--width must be a multiple of --heads and of 4")]
     for ok, msg in checks:
         if not ok:
             raise SystemExit(msg)
@@ -189,6 +191,17 @@ class Block(nn.Module):
 # Models: the ViT encoder, the text transformer (decoder or CLIP text encoder)
 
 
+def sincos_2d(grid, dim):
+    """(1, grid*grid, dim) fixed position table: half the channels encode the row, half the column."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))          # (dim/4,)
+    coords = torch.arange(grid, dtype=torch.float)
+    ang = coords[:, None] * omega[None]                                     # (grid, dim/4)
+    emb = torch.cat([ang.sin(), ang.cos()], 1)                              # (grid, dim/2)
+    rows = emb[:, None, :].expand(grid, grid, -1)                           # (grid, grid, dim/2)
+    cols = emb[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], -1).reshape(1, grid * grid, dim)        # row-major, like the patches
+
+
 class ViT(nn.Module):
     """images (B, 3, S, S) in [0, 1] -> tokens (B, N, D) after the final LayerNorm. No [CLS]:
     probe features are the mean of the tokens (CapPa probes the mean-pooled pre-logits)."""
@@ -197,7 +210,8 @@ class ViT(nn.Module):
         super().__init__()
         D = cfg.width
         self.patch = nn.Conv2d(3, D, cfg.patch_size, cfg.patch_size)
-        self.pos = nn.Parameter(torch.randn(1, (cfg.img_size // cfg.patch_size) ** 2, D) * 0.02)
+        # fixed 2-D sin-cos positions (MAE): where a patch is, is known from the first step
+        self.register_buffer("pos", sincos_2d(cfg.img_size // cfg.patch_size, D), persistent=False)
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.enc_depth))
         self.ln = nn.LayerNorm(D)
         # normalise inside the model so every caller just feeds [0, 1] images

@@ -1,19 +1,43 @@
-"""Tests for mdc.py: each compares against an independent computation, a known value
-(ln V) or a property (nothing leaks through a mask), on a CPU in seconds."""
+"""The tests, on a CPU in about a minute. Each compares against an independent computation,
+a known value (ln V) or a property (nothing leaks through a mask), never against a number the
+code itself printed. Sections: mdc.py (objectives, masks, learning, training loop), data.py
+(loaders on fixtures the tests write, bad input, the batch stream, the cache), probe.py
+(fitters, feature cache, caption scoring, corruptions, position signal)."""
+import csv
+import io
+import json
 import math
 import os
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 
 import data
 import mdc
+import probe
 from data import MASK, PAD
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread. On 2 cores shared with other jobs, OpenMP's synchronisation made
+    a tiny training step 100x slower with 2 threads (measured 600 ms vs 5 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# =============================================================================
+# mdc.py
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--width=32", "--enc_depth=1", "--dec_depth=1", "--heads=2", "--img_size=16", "--patch_size=4",
         "--batch_size=16", "--probe=", "--eval_every=0", "--log_every=1"]
@@ -173,7 +197,6 @@ def test_pads_never_influence_real_positions(causal):
 
 
 def test_cappa_mixes_parallel_and_causal_examples():
-    cfg = tiny_cfg("--objective=cappa")
     real = torch.ones(2, 5, dtype=torch.bool)
     m = mdc.attention_mask(real, torch.tensor([True, False]))
     assert torch.equal(m[0, 0], torch.ones(5, 5).tril().bool())
@@ -316,3 +339,533 @@ def test_cli_rejects_unknown_flags_and_bad_values():
         mdc.parse_args(["--objective=gan"])
     cfg = mdc.parse_args(["--model=small", "--img_size=64", "--qk_norm"])
     assert cfg.width == 384 and cfg.img_size == 64 and cfg.qk_norm is True
+
+
+# =============================================================================
+# data.py: every loader on fixtures written into a temporary folder; bad input; the batch stream
+SHARED = Path(__file__).parent.parent / "shared" / "data"
+
+
+def png(path, color, size=(12, 8)):
+    """A solid-colour image, so a decoded pixel tells which file it came from."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def color_of(img):  # float (3, S, S) -> the (r, g, b) uint8 of its centre pixel
+    S = img.shape[-1]
+    return tuple(int(round(v * 255)) for v in img[:, S // 2, S // 2].tolist())
+
+
+COLORS = [(10 * i, 200 - 10 * i, 7 * i) for i in range(10)]
+
+
+def write_flickr(root, n=8, bad=False):
+    """Kaggle layout: Images/ and captions.txt with 2 captions per image, one with a quoted comma.
+    bad=True adds a missing file row, an empty and a whitespace caption, and a corrupt image."""
+    rows = []
+    for i in range(n):
+        png(f"{root}/Images/im{i}.png", COLORS[i])
+        rows += [(f"im{i}.png", f"photo {i}, with a comma"), (f"im{i}.png", f"second caption {i}")]
+    if bad:
+        rows += [("gone.png", "a missing file"), ("im0.png", ""), ("im1.png", "   ")]
+        with open(f"{root}/Images/broken.png", "wb") as f:
+            f.write(b"not an image at all")
+        rows += [("broken.png", "a corrupt image")]
+    with open(f"{root}/captions.txt", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        w.writerows(rows)
+    return rows
+
+
+def pairs_of(ds):
+    """Every (image identity, caption) pair of a file-based dataset."""
+    return {(os.path.basename(s), c) for s, caps in zip(ds.srcs, ds.captions) for c in caps}
+
+
+def test_flickr_pairs_split_and_quoted_comma(tmp_path):
+    rows = write_flickr(tmp_path)
+    assert '"photo 0, with a comma"' in (tmp_path / "captions.txt").read_text()  # the csv module quoted it
+    train, val = data.build_caption_data(f"flickr:{tmp_path}", img_size=16, val_frac=0.3)
+    assert pairs_of(train) | pairs_of(val) == set(rows)
+    assert not {os.path.basename(s) for s in train.srcs} & {os.path.basename(s) for s in val.srcs}
+    assert len(val) >= 1 and len(train) + len(val) == 8
+    assert train.report() == "flickr: 16 pairs, none skipped"
+    # the split is by hash of the image name: the same on a second load
+    assert pairs_of(data.build_caption_data(f"flickr:{tmp_path}", img_size=16, val_frac=0.3)[1]) == pairs_of(val)
+    imgs, caps = train.batch(np.arange(len(train)), epoch=0)
+    assert imgs.shape == (len(train), 3, 16, 16) and imgs.dtype == torch.float32
+    for img, cap, src in zip(imgs, caps, train.srcs):  # each caption comes with its own image
+        i = int(os.path.basename(src)[2:-4])
+        assert cap in (f"photo {i}, with a comma", f"second caption {i}")
+        assert color_of(img) == COLORS[i]
+
+
+def test_bad_input_skipped_counted_and_reported(tmp_path, capsys):
+    write_flickr(tmp_path, bad=True)
+    train, val = data.build_caption_data(f"flickr:{tmp_path}", img_size=16, val_frac=0.0)
+    assert "skipped 3 of 20 pairs: 2 empty captions, 1 missing image" in capsys.readouterr().out
+    # the corrupt file exists, so it is found at decode time: replaced by the next image, counted once
+    j = [os.path.basename(s) for s in train.srcs].index("broken.png")
+    for _ in range(2):
+        imgs, caps = train.batch(np.array([j, 0]), epoch=0)
+    assert caps[0] in ("photo 0, with a comma", "second caption 0") and color_of(imgs[0]) == COLORS[0]
+    assert train.report() == "flickr: skipped 4 of 20 pairs: 2 empty captions, 1 missing image, 1 corrupt image"
+    assert "could not decode" in capsys.readouterr().err
+
+
+def test_corrupt_image_in_worker_does_not_crash(tmp_path):
+    write_flickr(tmp_path, bad=True)
+    train, _ = data.build_caption_data(f"flickr:{tmp_path}", img_size=16, val_frac=0.0)
+    stream = data.batches(train, 0, 9, seed=0, num_workers=2)
+    seen = [next(stream) for _ in range(3)]  # 3 epochs of 9 images: the corrupt one is in each
+    assert all(len(c) == 9 for _, c in seen)
+    assert "a corrupt image" not in {c for _, cs in seen for c in cs}
+    assert train.log.counts == {"empty caption": 2, "missing image": 1, "corrupt image": 1}
+
+
+def test_bad_paths_and_kinds(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset kind 'laion'.*coco:ROOT"):
+        data.build_caption_data("laion:/x")
+    with pytest.raises(FileNotFoundError, match="Kaggle layout"):
+        data.build_caption_data(f"flickr:{tmp_path}/nowhere")
+    (tmp_path / "Images").mkdir()
+    with pytest.raises(FileNotFoundError, match="captions.txt"):  # a folder without the expected files
+        data.build_caption_data(f"flickr:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match="captions_train2017.json"):
+        data.build_caption_data(f"coco:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match=r"\*\.tar"):
+        data.build_caption_data(f"wds:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match="data.py prepare"):
+        data.build_caption_data(f"cache:{tmp_path}")
+    with pytest.raises(ValueError, match="unknown probe dataset"):
+        data.probe_dataset("mnist", "train")
+    with pytest.raises(FileNotFoundError, match="ImageFolder"):
+        data.probe_dataset(f"imagefolder:{tmp_path}/nowhere", "train")
+    with pytest.raises(FileNotFoundError, match="ROOT/train/<class>"):  # a folder, but no train/ in it
+        data.probe_dataset(f"imagefolder:{tmp_path}", "train")
+
+
+def test_coco_uses_official_val(tmp_path):
+    for split, ids in (("train", [1, 2, 3]), ("val", [7, 8])):
+        for i in ids:
+            png(f"{tmp_path}/{split}2017/{i:012d}.png", COLORS[i])
+        js = {"images": [{"id": i, "file_name": f"{i:012d}.png"} for i in ids],
+              "annotations": [{"image_id": i, "id": 10 * i + k, "caption": f"{split} image {i} caption {k}"}
+                              for i in ids for k in range(2)]}
+        if split == "train":  # an annotation of an image not in `images`, and an empty caption
+            js["annotations"] += [{"image_id": 99, "id": 990, "caption": "ghost"}, {"image_id": 1, "id": 991, "caption": " "}]
+        os.makedirs(tmp_path / "annotations", exist_ok=True)
+        (tmp_path / "annotations" / f"captions_{split}2017.json").write_text(json.dumps(js))
+    train, val = data.build_caption_data(f"coco:{tmp_path}", img_size=8)
+    assert pairs_of(train) == {(f"{i:012d}.png", f"train image {i} caption {k}") for i in (1, 2, 3) for k in range(2)}
+    assert pairs_of(val) == {(f"{i:012d}.png", f"val image {i} caption {k}") for i in (7, 8) for k in range(2)}
+    assert train.report() == "coco: skipped 2 of 12 pairs: 1 missing image, 1 empty caption"
+    imgs, caps = val.batch(np.array([0, 1]), epoch=3)
+    assert [color_of(x) for x in imgs] == [COLORS[7], COLORS[8]]
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv", "jsonl"])
+def test_csv_tsv_jsonl_with_named_columns(tmp_path, ext):
+    rows = [(f"pics/p{i}.png", f"caption of {i}") for i in range(6)] + [("pics/none.png", "missing")]
+    for i in range(6):
+        png(f"{tmp_path}/pics/p{i}.png", COLORS[i])
+    f = tmp_path / f"pairs.{ext}"
+    if ext == "jsonl":
+        f.write_text("".join(json.dumps({"file": p, "text": c}) + "\n" for p, c in rows))
+    else:
+        f.write_text("\n".join(["file\ttext" if ext == "tsv" else "file,text"]
+                               + [f"{p}\t{c}" if ext == "tsv" else f"{p},{c}" for p, c in rows]) + "\n")
+    with pytest.raises(ValueError, match="--image_col"):
+        data.build_caption_data(f"csv:{f}")  # default column names are not in this file
+    train, val = data.build_caption_data(f"csv:{f}", image_col="file", caption_col="text", val_frac=0.3)
+    assert pairs_of(train) | pairs_of(val) == {(f"p{i}.png", f"caption of {i}") for i in range(6)}
+    assert not pairs_of(train) & pairs_of(val) and len(val) >= 1
+    assert train.report() == "csv: skipped 1 of 7 pairs: 1 missing image"
+
+
+def write_shards(root):
+    """Two img2dataset-style shards: KEY.jpg/png + KEY.txt + KEY.json; one sample lacks its image."""
+    os.makedirs(root)
+    expected = set()
+    for s in range(2):
+        with tarfile.open(f"{root}/{s:05d}.tar", "w") as tf:
+            def add(name, payload):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+            for k in range(3):
+                key, i = f"{s:05d}{k:04d}", 3 * s + k
+                buf = io.BytesIO()
+                Image.new("RGB", (9, 9), COLORS[i]).save(buf, format="PNG")
+                add(f"{key}.png", buf.getvalue())
+                add(f"{key}.txt", f"shard {s} sample {k}".encode())
+                add(f"{key}.json", b"{}")
+                expected.add((f"shard {s} sample {k}", COLORS[i]))
+            add(f"{s:05d}9999.txt", b"caption without an image")
+    return expected
+
+
+def test_webdataset_shards(tmp_path):
+    expected = write_shards(tmp_path / "wds")
+    train, val = data.build_caption_data(f"wds:{tmp_path}/wds", img_size=8, val_frac=0.3)
+    assert train.report() == "wds: skipped 2 of 8 pairs: 2 missing images"
+    got = set()
+    for ds in (train, val):
+        imgs, caps = ds.batch(np.arange(len(ds)), epoch=0)
+        got |= {(c, color_of(x)) for x, c in zip(imgs, caps)}  # pixels read by tar offset match the caption
+    assert got == expected and len(val) >= 1
+    assert data.build_caption_data(f"wds:{tmp_path}/wds/0000[01].tar", img_size=8)[0].log.total == 8  # a glob works
+
+
+def test_caption_per_epoch_and_all_captions(tmp_path):
+    write_flickr(tmp_path)
+    one, _ = data.build_caption_data(f"flickr:{tmp_path}", img_size=8, val_frac=0.0)
+    assert len(one) == 8  # one sample per image
+    per_epoch = [one.batch(np.arange(8), epoch=e)[1] for e in range(6)]
+    assert per_epoch[0] == one.batch(np.arange(8), epoch=0)[1]      # a pure function of (seed, epoch, image)
+    assert len({tuple(c) for c in per_epoch}) > 1                     # but not the same caption every epoch
+    every, _ = data.build_caption_data(f"flickr:{tmp_path}", img_size=8, val_frac=0.0, all_captions=True)
+    assert len(every) == 16
+    _, caps = every.batch(np.arange(16))
+    assert sorted(caps) == sorted(c for cs in one.captions for c in cs)
+
+
+def test_batches_resume_and_rank_slices(tmp_path):
+    write_flickr(tmp_path)
+    train, _ = data.build_caption_data(f"flickr:{tmp_path}", img_size=8, val_frac=0.0)
+    take = lambda it, n: [next(it) for _ in range(n)]
+    full = take(data.batches(train, 0, 6, seed=3), 5)  # 30 samples: crosses 3 epochs of 8 images
+    resumed = take(data.batches(train, 2, 6, seed=3), 3)
+    for (x, c), (y, d) in zip(full[2:], resumed):
+        assert torch.equal(x, y) and c == d
+    workers = take(data.batches(train, 2, 6, seed=3, num_workers=2), 3)  # workers do not change the order
+    for (x, c), (y, d) in zip(full[2:], workers):
+        assert torch.equal(x, y) and c == d
+    ranks = [take(data.batches(train, 0, 6, seed=3, rank=r, world=2), 5) for r in (0, 1)]
+    for step in range(5):
+        assert torch.equal(torch.cat([ranks[0][step][0], ranks[1][step][0]]), full[step][0])
+        assert ranks[0][step][1] + ranks[1][step][1] == full[step][1]
+    # shapes data goes through the same stream
+    s = data.build_caption_data("shapes", img_size=8)[0]
+    a, b = take(data.batches(s, 0, 4, 0), 3), take(data.batches(s, 1, 4, 0), 2)
+    assert torch.equal(a[2][0], b[1][0]) and a[1][1] == b[0][1]
+
+
+def test_cache_round_trip(tmp_path):
+    write_flickr(tmp_path / "src", bad=True)
+    manifest = data.prepare(f"flickr:{tmp_path}/src", 16, str(tmp_path / "cache"), workers=1, val_frac=0.3)
+    assert manifest["skipped"] == {"empty caption": 2, "missing image": 1, "corrupt image": 1}
+    assert manifest["n_images"] == 8 and manifest["pairs_total"] == 20 and manifest["pairs_kept"] == 16
+    assert os.path.getsize(tmp_path / "cache" / "images.u8") == 8 * 16 * 16 * 3
+    src = data.build_caption_data(f"flickr:{tmp_path}/src", img_size=16, val_frac=0.3)
+    cached = data.build_caption_data(f"cache:{tmp_path}/cache", img_size=16)
+    for a, b in zip(src, cached):
+        good = [i for i, s in enumerate(a.srcs) if "broken" not in s]
+        assert [a.captions[i] for i in good] == b.captions
+        x, c = a.batch(np.array(good), epoch=1)
+        y, d = b.batch(np.arange(len(good)), epoch=1)
+        assert (x - y).abs().max() <= 0.5 / 255 and y.dtype == torch.float32
+    assert "skipped 4 of 20 pairs" in cached[0].report()
+    small, _ = data.build_caption_data(f"cache:{tmp_path}/cache", img_size=8)  # a 16 px cache feeds an 8 px run
+    assert small.batch(np.arange(3))[0].shape == (3, 3, 8, 8)
+
+
+def test_augment_shape_range_and_determinism():
+    x = torch.rand(16, 3, 24, 24)
+    y = data.augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert torch.equal(y, data.augment(x, torch.Generator().manual_seed(0)))
+    assert not torch.allclose(y, x)
+    # a horizontal ramp stays a ramp, rising or (flipped) falling: a crop + flip, no rotation or shear
+    ramp = torch.linspace(0, 1, 24).expand(16, 3, 24, 24).contiguous()
+    z = data.augment(ramp, torch.Generator().manual_seed(1))
+    d = z[..., 1:] - z[..., :-1]  # (16, 3, 24, 23)
+    assert ((d >= -1e-6).all(-1) | (d <= 1e-6).all(-1)).all()
+    assert (z[:, :, 0, :] - z[:, :, -1, :]).abs().max() < 1e-5  # every row the same
+
+
+def test_truncation_report():
+    tok = data.Tokenizer.build(["a b c d e f", "a b"])
+    frac, msg = data.truncation_report(tok, ["a b c d e f", "a b", "a b c", "a"], max_len=4)
+    assert frac == 0.25 and "1 of 4 captions (25.00%)" in msg
+    ids, n = tok.batch(["a b c d e f"], 4)
+    assert n == 1 and ids[0, -1].item() == data.EOS
+
+
+def test_imagefolder_probe_classes_and_cap(tmp_path):
+    for split in ("train", "val"):
+        for c in range(5):
+            for k in range(4):
+                png(f"{tmp_path}/{split}/n0{c}/{k}.png", COLORS[c], size=(10, 10))
+    (tmp_path / "wnids.txt").write_text("n03\nn01\n")
+    ds = data.probe_dataset(f"imagefolder:{tmp_path}", "val", img_size=8, classes=str(tmp_path / "wnids.txt"), per_class=3)
+    assert ds.n_classes == 2 and len(ds) == 6 and ds.classes == ["n01", "n03"]
+    x, y = ds[5]
+    assert x.shape == (3, 8, 8) and y == 1 and color_of(x) == COLORS[3]
+    sub = [data.probe_dataset(f"imagenet:{tmp_path}", s, img_size=8, classes=c, seed=4) for s, c in (("train", 3), ("val", "3"))]
+    assert sub[0].classes == sub[1].classes and len(sub[0].classes) == 3 and len(sub[0]) == 12
+    for x, y in sub[1]:  # labels index the same class list in both splits
+        assert color_of(x) == COLORS[int(sub[1].classes[y][-1])]
+
+
+def test_cifar_offline_message(tmp_path, monkeypatch):
+    import torchvision
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(RuntimeError, match="cifar-10-batches-py"):
+        data.probe_dataset("cifar10", "train", data_root=str(tmp_path))
+
+
+@pytest.mark.skipif(not (SHARED / "flickr8k" / "captions.txt").exists(), reason="no ../shared/data/flickr8k")
+def test_real_flickr8k():
+    train, val = data.build_caption_data(f"flickr:{SHARED / 'flickr8k'}", img_size=32)
+    assert train.log.total == 40455 and len(train) + len(val) == 8091
+    assert not set(train.srcs) & set(val.srcs)
+    imgs, caps = next(data.batches(train, 0, 8, seed=0))
+    assert imgs.shape == (8, 3, 32, 32) and len(caps) == 8 and all(caps)
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10" / "train").exists(), reason="no ../shared/data/cifar10")
+def test_real_cifar10_imagefolder():
+    tr = data.probe_dataset(f"imagefolder:{SHARED / 'cifar10'}", "train", per_class=20)
+    te = data.probe_dataset(f"imagefolder:{SHARED / 'cifar10'}", "val", per_class=20)  # val -> test/
+    assert tr.n_classes == te.n_classes == 10 and len(tr) == len(te) == 200
+    x, y = te[0]
+    assert x.shape == (3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1 and y == 0
+
+
+# =============================================================================
+# probe.py: fitters against known answers and an independent fit, feature cache, caption scoring
+def blobs(n, d, c, sep, seed=0):
+    """Gaussian class blobs: (x (n, d), y (n,)); larger sep = easier."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    means = torch.randn(c, d, generator=g) * sep
+    return means[y] + torch.randn(n, d, generator=g), y
+
+
+def split(x, y, n_train):
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+quiet = dict(log=lambda s: None)
+
+
+# -----------------------------------------------------------------------------
+# Linear probes
+
+
+def test_separable_features_give_near_100():
+    x, y = blobs(1500, 16, 4, sep=4.0)
+    r = probe.linear_probe(*split(x, y, 1000), 4, **quiet)
+    assert r["ridge top1"] > 0.98 and r["logreg top1"] > 0.98
+
+
+def test_random_labels_give_chance():
+    x, _ = blobs(3000, 20, 4, sep=0.0)
+    y = torch.randint(0, 4, (3000,), generator=torch.Generator().manual_seed(1))  # unrelated to x
+    r = probe.linear_probe(*split(x, y, 1000), 4, **quiet)
+    for k in ("ridge top1", "logreg top1"):  # 2000 test points: chance 0.25, sd ~0.01
+        assert 0.19 < r[k] < 0.31, (k, r[k])
+
+
+def test_ridge_and_lbfgs_agree_on_an_easy_problem():
+    x, y = blobs(3000, 16, 5, sep=0.8)
+    xtr, ytr, xte, yte = split(x, y, 2000)
+    r = probe.ridge_probe(xtr, ytr, xte, yte, 5, **quiet)
+    l = probe.logreg_probe(xtr, ytr, xte, yte, 5, **quiet)
+    assert 0.6 < r["ridge top1"] < 0.99            # not trivially separable
+    assert abs(r["ridge top1"] - l["logreg top1"]) < 0.03
+
+
+def test_lbfgs_reaches_the_optimum_of_an_independent_float64_fit():
+    """Same features, same lam: L-BFGS (float32, hand-written gradient) vs plain gradient descent
+    in float64 with autograd, many steps, on mean CE + lam ||W||^2 (bias unpenalised)."""
+    x, y = blobs(400, 10, 3, sep=0.7, seed=3)
+    x = probe.standardize(x)[0]
+    lam = 3e-3
+    P, _ = probe.logreg_fit(probe.with_bias(x), probe.with_bias(x).T.contiguous(), y, lam,
+                            torch.zeros(3, 11), max_iter=500, tol=1e-9)
+    xd = x.double()
+    W = torch.zeros(10, 3, dtype=torch.double, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.double, requires_grad=True)
+    objective = lambda: F.cross_entropy(xd @ W + b, y) + lam * (W ** 2).sum()
+    lr = 1 / (0.5 * torch.linalg.eigvalsh(xd.T @ xd / len(xd)).max().item() + 1 + 2 * lam)  # 1 / Lipschitz bound
+    for _ in range(20000):
+        W.grad = b.grad = None
+        objective().backward()
+        with torch.no_grad():
+            W -= lr * W.grad
+            b -= lr * b.grad
+    Wl, bl = P[:, :-1].T.double(), P[:, -1].double()
+    scale = W.abs().max().item()
+    assert scale > 0.1                                   # a non-trivial optimum
+    assert (Wl - W).abs().max().item() < 2e-3 * scale
+    # biases are defined up to a shared constant (softmax), compare them centred
+    assert ((bl - bl.mean()) - (b - b.mean())).abs().max().item() < 2e-3 * scale
+    with torch.no_grad():
+        ref = objective().item()
+        W.copy_(Wl), b.copy_(bl)
+        assert abs(objective().item() - ref) < 1e-6
+
+
+def test_grid_is_extended_when_the_best_is_on_its_edge():
+    x, y = blobs(1500, 16, 5, sep=0.8)
+    logs = []
+    r = probe.logreg_probe(*split(x, y, 1000), 5, grid=(0, 1), log=logs.append)  # only 1e1 and 1e0
+    assert any("extending the grid" in s for s in logs)
+    assert r["logreg lambda"] < 1                         # the sweep went past the first grid
+
+
+def test_feature_cache_hit_returns_identical_features(tmp_path):
+    torch.manual_seed(0)
+    cfg = mdc.parse_args(["--width=32", "--enc_depth=1", "--heads=2", "--img_size=16"])
+    enc = mdc.ViT(cfg).eval()
+    ds = torch.utils.data.TensorDataset(torch.rand(40, 3, 16, 16), torch.arange(40) % 4)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return probe.extract(enc.features, ds, 16, torch.device("cpu"), batch_size=16)
+
+    key = probe.cache_key(encoder={"random": 1}, spec="shapes", split="train", img_size=16)
+    x1, y1 = probe.cached_features(key, compute, str(tmp_path))
+    x2, y2 = probe.cached_features(key, compute, str(tmp_path))
+    assert len(calls) == 1                                # the second call never touched the encoder
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (40, 32)
+    assert probe.cache_key(encoder={"random": 1}, spec="shapes", split="test", img_size=16) != key
+
+
+# -----------------------------------------------------------------------------
+# Caption scoring on tiny models overfitted to a handful of (image, caption) pairs
+
+
+def overfit_captions(objective, imgs, caps, steps=400):
+    cfg = mdc.parse_args([f"--objective={objective}", "--width=32", "--enc_depth=1", "--dec_depth=1", "--heads=2",
+                          "--img_size=16", "--patch_size=4", "--max_len=16"])
+    tok = data.Tokenizer.build(caps)
+    torch.manual_seed(0)
+    model = mdc.Model(cfg, len(tok))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = tok.batch(caps, cfg.max_len)[0]
+    for step in range(steps):
+        u, r = mdc.draw_noise(cfg, len(x), step)
+        loss, _ = mdc.LOSSES[objective](model, imgs, x, u, r, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), cfg, tok
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """Six single-object test images of the synthetic probe, one per shape, with 7-word captions:
+    caption length (which the mdc decoder sees) cannot tell them apart, only the image can.
+    Returns (images, true captions, candidates: for image y, its caption with each shape word)."""
+    cands, labels = probe.shapes_zeroshot("shape", 200)
+    first = {}
+    for i, (row, y) in enumerate(zip(cands, labels.tolist())):
+        if len(row[0].split()) == 7:
+            first.setdefault(y, i)
+    idx = [first[y] for y in range(6)]
+    imgs = data.probe_dataset("shapes", "test", img_size=16).tensors[0][idx]
+    return imgs, [cands[i][y] for y, i in enumerate(idx)], [cands[i] for i in idx]
+
+
+@pytest.fixture(scope="module")
+def models(pairs):
+    return {o: overfit_captions(o, *pairs[:2]) for o in ("mdc", "ar", "clip")}
+
+
+def test_zeroshot_on_overfitted_models_ranks_the_true_caption_first(models, pairs):
+    """Candidates: the six training captions; and for the captioners also each image's caption with
+    every shape word. (Six pairs never force CLIP's text encoder to read the shape word: the other
+    words already tell the captions apart, so a contrastive model may ignore it.)"""
+    imgs, caps, cands = pairs
+    for objective, (model, cfg, tok) in models.items():
+        for rule in probe.RULES[objective]:
+            for c in ([caps] * 6, cands) if objective != "clip" else ([caps] * 6,):
+                s = probe.score_captions(model, cfg, tok, imgs, c, rule, K=8)   # (6 images, 6 candidates)
+                assert torch.equal(s.argmax(1), torch.arange(6)), (objective, rule, s)
+
+
+def test_retrieval_and_compositional_run_and_are_fractions(models, pairs):
+    imgs, caps, _ = pairs
+    model, cfg, tok = models["ar"]
+    r = probe.retrieval(model, cfg, tok, imgs, caps)
+    assert r["t2i R@1"]["exact"] == 1.0 and r["i2t R@5"]["exact"] == 1.0
+    c = probe.compositional(model, cfg, tok, imgs, caps)
+    assert all(0 <= v["exact"] <= 1 for v in c.values()) and "word shuffle" in c
+
+
+def test_shapes_zeroshot_candidates_differ_only_in_the_class_word():
+    for task in ("shape", "shape_color"):
+        cands, labels = probe.shapes_zeroshot(task, 50)
+        _, ytest = data.probe_dataset(f"shapes:{task}", "test").tensors
+        assert torch.equal(labels, ytest[:50])            # the same scenes as the probe's test split
+        n_classes = data.PROBE_TASKS[task][0]
+        for row, y in zip(cands, labels):
+            assert len(row) == n_classes == len(set(row))
+            assert len({len(c.split()) for c in row}) == 1
+            differ = {j for c in row for j, (a, b) in enumerate(zip(c.split(), row[0].split())) if a != b}
+            assert len(differ) == (1 if task == "shape" else 2)
+
+
+def test_a_corrupted_caption_never_equals_the_original_and_keeps_its_words():
+    imgs, caps = probe.multi_object(data.Shapes(seed=0, img_size=16, split="val"), 300, seed=0)
+    caps = caps + ["a dog", "dog dog dog", "a man riding a horse on the beach .", "x"]
+    rng = np.random.default_rng(0)
+    made = {}
+    for c in caps:
+        for name, bad in probe.corruptions(c, rng).items():
+            if bad is not None:
+                assert bad != c, (name, c)
+                assert sorted(data.split_words(bad)) == sorted(data.split_words(c)), (name, c, bad)
+                made[name] = made.get(name, 0) + 1
+    for name in ("attr swap", "relation swap", "word shuffle"):
+        assert made[name] > 200, made                      # most multi-object captions have one
+
+
+def test_relation_swap_reverses_the_relation():
+    c = "a small red circle above a big blue box"
+    assert probe.swap_relation(c) == "a big blue box above a small red circle"
+    assert probe.swap_attributes(c) == "a small blue circle above a big red box"
+    assert probe.swap_attributes("a small red circle above a big red box") is None
+
+
+# -----------------------------------------------------------------------------
+# Position signal, JSON
+
+
+def test_position_signal_is_zero_when_the_decoder_ignores_the_image(models, pairs):
+    imgs, caps, _ = pairs
+    for objective in ("mdc", "ar"):
+        model, cfg, tok = models[objective]
+        x = tok.batch(caps, cfg.max_len)[0]
+        g = torch.Generator().manual_seed(0)
+        assert probe.position_signal(model, cfg, imgs, x, K=4, generator=g).nan_to_num().mean() > 0.1
+        blind = mdc.Model(cfg, len(tok))
+        blind.load_state_dict(model.state_dict())
+        for blk in blind.text.blocks:                      # cross-attention adds exactly nothing
+            torch.nn.init.zeros_(blk.xattn.proj.weight)
+            torch.nn.init.zeros_(blk.xattn.proj.bias)
+        s = probe.position_signal(blind.eval(), cfg, imgs, x, t=0.7, K=4, generator=g)
+        counted = ~s.isnan()
+        assert counted[:5].all() and (s[counted] == 0).all(), s
+
+
+def test_results_json_round_trips(models, tmp_path):
+    model, cfg, tok = models["mdc"]
+    path = str(tmp_path / "mdc.pt")
+    mdc.save_checkpoint(path, model, None, cfg, tok, 300)
+    out = str(tmp_path / "r.json")
+    res = probe.main([f"--ckpt={path}", "--ckpt=random", "--ckpt=pixels", f"--json={out}", "--fitter=ridge",
+                      "--n_eval=12", "--n_retrieval=6", "--K=2", f"--cache_dir={tmp_path}/cache"])
+    back = probe.load_json(out)
+    assert back == res                                     # no NaN, tuple or tensor slipped in
+    assert [e["name"] for e in back["encoders"]] == [path, "random", "pixels"]
+    assert back["encoders"][0]["config"]["width"] == 32 and "zero-shot" in back["encoders"][0]["metrics"]
+    assert probe.format_table(back) == probe.format_table(res)
