@@ -654,7 +654,8 @@ def train(cfg):
             vals = torch.stack(recent).float().cpu()
             bad = (~torch.isfinite(vals)).nonzero()
             if len(bad):
-                raise SystemExit(f"non-finite loss at step {step + 1 - len(vals) + int(bad[0])}; stopping. "
+                first_bad = step + 2 - len(vals) + int(bad[0])  # counted from 1, like the checkpoint's step
+                raise SystemExit(f"non-finite loss at step {first_bad}; stopping. "
                                  f"The last good checkpoint is {ckpt_path} (lower --lr, or try --qk_norm / --z_loss)")
             recent = []
             if master:
