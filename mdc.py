@@ -364,11 +364,15 @@ def mdc_loss(model, imgs, x, u, r, cfg):
     return loss + z_penalty(logits, real, cfg.z_loss), n
 
 
+def shift_right(x):
+    """AR decoder input: [BOS] + x[:-1], so position k predicts x[k] from x[:k]."""
+    return torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)          # (B, L)
+
+
 def ar_loss(model, imgs, x, u, r, cfg):
     """Autoregressive captioning: input [BOS] + x[:-1], causal attention, CE on every real token."""
     real = x != PAD
-    inp = torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)   # (B, L) shifted right
-    logits = model(imgs, inp, real, causal=True)
+    logits = model(imgs, shift_right(x), real, causal=True)
     n = real.sum()
     return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
 
@@ -378,8 +382,7 @@ def cappa_loss(model, imgs, x, u, r, cfg):
     prediction, i.e. MDC at t=1); otherwise an ordinary AR example."""
     real = x != PAD
     parallel = u < cfg.cappa_frac                                       # (B,)
-    shifted = torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)
-    inp = torch.where(parallel[:, None], MASK, shifted)                 # (B, L)
+    inp = torch.where(parallel[:, None], MASK, shift_right(x))         # (B, L)
     logits = model(imgs, inp, real, causal=~parallel)
     n = real.sum()
     return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
@@ -458,8 +461,7 @@ def caption_logprob(model, v, x, objective, method="elbo", K=8, generator=None):
     (a lower bound), 'pll' = each token masked alone, 'all' = every token masked at once."""
     real = x != PAD
     if objective in ("ar", "cappa"):
-        inp = torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)
-        return -(token_ce(model.decode(inp, v, real, causal=True).float(), x) * real).sum(1)
+        return -(token_ce(model.decode(shift_right(x), v, real, causal=True).float(), x) * real).sum(1)
     B, L = x.shape
     if method == "all":
         return -(token_ce(model.decode(torch.where(real, MASK, x), v, real).float(), x) * real).sum(1)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from data import BOS, MASK, PAD
+from data import MASK, PAD
 
 # -----------------------------------------------------------------------------
 # Features: frozen encoder -> (N, D), extracted once, cached on disk
@@ -492,7 +492,7 @@ def position_signal(model, cfg, imgs, x, t=None, K=4, generator=None):
     real = x != PAD
     B, L = x.shape
     if cfg.objective in ("ar", "cappa"):
-        inp = torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)   # (B, L) shifted right
+        inp = mdc.shift_right(x)                             # (B, L) [BOS] + x[:-1]
         ce = lambda vv: mdc.token_ce(model.decode(inp, vv, real, causal=True).float(), x)
         diff, count = (ce(v_wrong) - ce(v)) * real, real.float()
     elif cfg.objective == "mdc":
