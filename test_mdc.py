@@ -637,6 +637,24 @@ def test_real_cifar10_imagefolder():
     assert x.shape == (3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1 and y == 0
 
 
+@pytest.mark.skipif(not (SHARED / "flickr8k").exists() or not (SHARED / "cifar10").exists(),
+                    reason="no ../shared/data/flickr8k or cifar10")
+def test_real_flickr8k_trains_and_cifar10_probes(tmp_path):
+    """End to end on real data: a few MDC steps on Flickr8k (augmented), then the encoder's
+    features on CIFAR-10 read through the ImageFolder path."""
+    cfg = tiny_cfg(f"--data=flickr:{SHARED / 'flickr8k'}", "--steps=3", "--augment", "--vocab_min_count=5",
+                   f"--out_dir={tmp_path}")
+    model, tok, val, _ = mdc.train(cfg)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["vocab"] == tok.itos and len(tok) > 1000  # a real vocabulary
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ds = data.probe_dataset(f"imagefolder:{SHARED / 'cifar10'}", "train", cfg.img_size, per_class=5)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        f = model.eval().encoder.features(x)
+    assert f.shape == (50, cfg.width) and torch.isfinite(f).all()
+
+
 # =============================================================================
 # probe.py: fitters against known answers and an independent fit, feature cache, caption scoring
 def blobs(n, d, c, sep, seed=0):
