@@ -57,7 +57,7 @@ def dataset_tensors(ds):
 
 def to_float(imgs, size):
     """uint8 or float (B, 3, S, S) -> float in [0, 1] at the encoder's input size."""
-    imgs = imgs.float() / 255 if imgs.dtype == torch.uint8 else imgs.float()
+    imgs = data.to_float(imgs).float()
     if imgs.shape[-1] != size:
         imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return imgs
@@ -513,6 +513,15 @@ def position_signal(model, cfg, imgs, x, t=None, K=4, generator=None):
 # The encoders of one call: checkpoints, a random init of the same ViT, raw pixels
 
 
+def random_encoder(cfg, seed, device):
+    """The floor: the same ViT at its (seeded) random initialisation, in eval mode."""
+    import mdc
+    torch.manual_seed(seed)
+    enc = mdc.ViT(cfg)
+    enc.apply(mdc.Model._init)
+    return enc.to(device).eval()
+
+
 def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
     """--ckpt values -> list of dicts (name, kind, cfg, model, tok, encoder, key). A checkpoint
     keeps its decoder for scoring; 'random' copies the first checkpoint's config (else the preset)."""
@@ -531,10 +540,7 @@ def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
         ref = mdc.parse_args([f"--model={preset}"] + ([f"--img_size={img_size}"] if img_size else []))
     for e in encs:
         if e["kind"] == "random":
-            torch.manual_seed(seed)
-            enc = mdc.ViT(ref)
-            enc.apply(mdc.Model._init)
-            e.update(cfg=ref, encoder=enc.to(device).eval(), key=dict(random=asdict(ref), seed=seed))
+            e.update(cfg=ref, encoder=random_encoder(ref, seed, device), key=dict(random=asdict(ref), seed=seed))
         elif e["kind"] == "pixels":
             e.update(cfg=ref)
     return encs
@@ -625,15 +631,11 @@ def quick_compare(model, cfg, device):
     (seeded) and raw pixels, with the closed-form ridge fitter: the L-BFGS sweep on 3,072 raw
     pixels alone took minutes on 2 shared cores, too slow for the end of a demo. Returns
     {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
-    import mdc
     t0 = time.perf_counter()
     device = torch.device(device)
     tr = data.probe_dataset(cfg.probe, "train", cfg.img_size, seed=cfg.seed)
     te = data.probe_dataset(cfg.probe, "test", cfg.img_size, seed=cfg.seed)
-    torch.manual_seed(cfg.seed + 1)
-    rand = mdc.ViT(cfg)
-    rand.apply(mdc.Model._init)
-    rand = rand.to(device).eval()
+    rand = random_encoder(cfg, cfg.seed + 1, device)
     flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
     out = {}
     for name, fn in (("trained", model.encoder.features), ("random init", rand.features), ("pixels", flat)):
