@@ -71,7 +71,7 @@ class Config:
     warmup: float = 0.05        # fraction of steps with linear warm-up, then cosine to 0
     weight_decay: float = 0.05
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0      # max gradient norm; 0 = no clipping (the norm is still logged)
     # evaluation, logging, checkpoints
     eval_every: int = 400       # validation loss every so many steps (0 = never)
     ckpt_every: int = 400       # checkpoint every so many steps (always at the end)
@@ -155,7 +155,7 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
 
-    def forward(self, x, ctx=None, mask=None):
+    def heads_qkv(self, x, ctx=None):
         B, T, D = x.shape
         H = self.heads
         if self.cross:
@@ -164,7 +164,11 @@ class Attention(nn.Module):
             k, v = self.kv(ctx).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)      # 2 x (B, H, S, hd)
         else:
             q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)   # 3 x (B, H, T, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x, ctx=None, mask=None):
+        B, T, D = x.shape
+        q, k, v = self.heads_qkv(x, ctx)
         # mask: bool, True = may attend; None lets SDPA pick the flash kernel (encoder)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                  # (B, H, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))                          # (B, T, D)
@@ -635,14 +639,18 @@ def train(cfg):
             scaled = loss * n / (total / world)
         opt.zero_grad(set_to_none=True)
         scaled.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         opt.step()
         return loss.detach(), gnorm
 
     if cfg.bench:
         return bench(cfg, model, step_fn, stream, device, master)
 
-    recent = []  # losses since the last check; checked together so the GPU is not synced every step
+    recent, norms = [], []  # since the last check; checked together so the GPU is not synced every step
+    log_path = os.path.join(cfg.out_dir, "log.csv")  # one row per log interval, appended on resume
+    if master and not (cfg.resume and os.path.exists(log_path)):
+        with open(log_path, "w") as f:
+            f.write("step,loss,grad_norm_median,grad_norm_max,lr,img_s\n")
     bar = tqdm(initial=start, total=cfg.steps, disable=not master, dynamic_ncols=True)
     t0, seen = time.time(), 0
     end = min(cfg.steps, start + cfg.stop_after) if cfg.stop_after else cfg.steps
@@ -650,6 +658,7 @@ def train(cfg):
         imgs, caps = next(stream)
         loss, gnorm = step_fn(step, imgs, caps)
         recent.append(loss)
+        norms.append(gnorm)
         seen += cfg.batch_size
         bar.update()
         last = step + 1 == end
@@ -660,10 +669,14 @@ def train(cfg):
                 first_bad = step + 2 - len(vals) + int(bad[0])  # counted from 1, like the checkpoint's step
                 raise SystemExit(f"non-finite loss at step {first_bad}; stopping. "
                                  f"The last good checkpoint is {ckpt_path} (lower --lr, or try --qk_norm / --z_loss)")
-            recent = []
+            g = torch.stack(norms).float().cpu()  # gradient norms before clipping: spikes show instability
+            recent, norms = [], []
             if master:
-                bar.set_postfix(loss=f"{vals.mean():.4f}", img_s=f"{seen / (time.time() - t0):.0f}",
+                img_s = seen / (time.time() - t0)
+                bar.set_postfix(loss=f"{vals.mean():.4f}", gnorm=f"{g.max():.2f}", img_s=f"{img_s:.0f}",
                                 lr=f"{lr_at(step, cfg):.2e}")
+                with open(log_path, "a") as f:
+                    f.write(f"{step + 1},{vals.mean():.5f},{g.median():.4f},{g.max():.4f},{lr_at(step, cfg):.3e},{img_s:.1f}\n")
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and master:
             bar.write(f"step {step + 1}: val loss {evaluate(model, cfg, val_set, tok, device, autocast):.4f}")
         if master and ((step + 1) % cfg.ckpt_every == 0 or last):

@@ -480,12 +480,12 @@ def retrieval(model, cfg, tok, imgs, caps, K=8, seed=0, batch_size=128):
 
 
 @torch.no_grad()
-def position_signal(model, cfg, imgs, x, t=None, K=4, generator=None):
-    """For each caption position k: mean over captions of CE(k | mismatched image) - CE(k | true
-    image), the mismatched image being the batch rolled by one. imgs (B, 3, S, S), x (B, L) ids.
+def signal_terms(model, cfg, imgs, x, t=None, K=4, generator=None):
+    """CE(k | mismatched image) - CE(k | true image) summed per caption position, and how often
+    each was counted; the mismatched image is the batch rolled by one. imgs (B, 3, S, S), x (B, L).
     ar/cappa: teacher-forced causal CE at every real position. mdc: masked CE under K random masks
-    at ratio t (a number, or t ~ U(t_min, 1) per caption), counted only where masked.
-    Returns (L,); nan where a position was never counted."""
+    at ratio t (a number, or t ~ U(t_min, 1) per caption as in training), counted where masked.
+    Returns (diff (B, L), count (B, L))."""
     import mdc
     v = model.encoder(imgs)                                  # (B, N, D)
     v_wrong = v.roll(1, 0)                                   # every caption gets another image
@@ -494,19 +494,110 @@ def position_signal(model, cfg, imgs, x, t=None, K=4, generator=None):
     if cfg.objective in ("ar", "cappa"):
         inp = mdc.shift_right(x)                             # (B, L) [BOS] + x[:-1]
         ce = lambda vv: mdc.token_ce(model.decode(inp, vv, real, causal=True).float(), x)
-        diff, count = (ce(v_wrong) - ce(v)) * real, real.float()
-    elif cfg.objective == "mdc":
-        diff, count = torch.zeros(B, L, device=x.device), torch.zeros(B, L, device=x.device)
-        for _ in range(K):
-            tt = torch.full((B,), float(t)) if t is not None else mdc.sample_t(torch.rand(B, generator=generator), cfg.t_min)
-            m = (torch.rand(B, L, generator=generator) < tt[:, None]).to(x.device) & real  # (B, L) masked
-            inp = torch.where(m, MASK, x)                    # the same mask for both images
-            ce = lambda vv: mdc.token_ce(model.decode(inp, vv, real).float(), x)
-            diff += (ce(v_wrong) - ce(v)) * m
-            count += m
-    else:
+        return (ce(v_wrong) - ce(v)) * real, real.float()
+    if cfg.objective != "mdc":
         raise ValueError(f"{cfg.objective} has no caption decoder")
+    diff, count = torch.zeros(B, L, device=x.device), torch.zeros(B, L, device=x.device)
+    for _ in range(K):
+        tt = torch.full((B,), float(t)) if t is not None else mdc.sample_t(torch.rand(B, generator=generator), cfg.t_min)
+        m = (torch.rand(B, L, generator=generator) < tt[:, None]).to(x.device) & real  # (B, L) masked
+        inp = torch.where(m, MASK, x)                        # the same mask for both images
+        ce = lambda vv: mdc.token_ce(model.decode(inp, vv, real).float(), x)
+        diff += (ce(v_wrong) - ce(v)) * m
+        count += m
+    return diff, count
+
+
+def position_signal(model, cfg, imgs, x, t=None, K=4, generator=None):
+    """The visual signal per caption position k (nats): mean over captions of
+    CE(k | mismatched image) - CE(k | true image). Returns (L,); nan where never counted."""
+    diff, count = signal_terms(model, cfg, imgs, x, t, K, generator)
     return (diff.sum(0) / count.sum(0)).cpu()                # (L,), 0/0 = nan
+
+
+def signal_thirds(diff, count, x):
+    """The same signal over the early / middle / late third of each caption (by position relative
+    to the caption's own length, so captions of different lengths line up). Returns 3 floats."""
+    n = (x != PAD).sum(1, keepdim=True).clamp(min=1)         # (B, 1) tokens, [EOS] included
+    k = torch.arange(x.shape[1], device=x.device)[None]      # (1, L)
+    third = (3 * k // n).clamp(max=2)                        # (B, L) 0, 1, 2; pads are not counted
+    return [((diff * (third == i)).sum() / (count * (third == i)).sum()).item() for i in range(3)]
+
+
+def caption_signal(model, cfg, tok, val, n, K=4, seed=0, batch_size=128):
+    """signal_terms over the first n validation pairs -> {"signal early"/"middle"/"late": nats,
+    "signal per position": [nats or None, ...]} (the t of mdc drawn as in training)."""
+    device = next(model.parameters()).device
+    imgs, caps = val.batch(np.arange(n), 0)
+    x = tok.batch(caps, cfg.max_len)[0]                      # (n, L)
+    g = torch.Generator().manual_seed(seed)
+    diff, count = torch.zeros(x.shape), torch.zeros(x.shape)
+    for i in range(0, n, batch_size):
+        d, c = signal_terms(model, cfg, to_float(imgs[i:i + batch_size], cfg.img_size).to(device),
+                            x[i:i + batch_size].to(device), None, K, g)
+        diff[i:i + batch_size], count[i:i + batch_size] = d.float().cpu(), c.float().cpu()
+    per_pos = diff.sum(0) / count.sum(0)                     # (L,)
+    early, middle, late = [None if v != v else v for v in signal_thirds(diff, count, x)]  # nan -> None for JSON
+    return {"signal early": early, "signal middle": middle, "signal late": late,
+            "signal per position": [None if v != v else v for v in per_pos.tolist()]}
+
+
+@torch.no_grad()
+def attention_logit_max(model, cfg, imgs, x):
+    """Largest attention logit |q.k| / sqrt(head dim) in the encoder and in the text transformer
+    on one batch (pads included): {"enc logit max": ., "text logit max": .}. Logits that grow
+    without bound make training spike and diverge (ViT-22B, Dehghani et al. 2023); --qk_norm
+    bounds them. imgs (B, 3, S, S), x (B, L)."""
+    import mdc
+    peak = {"enc logit max": 0.0, "text logit max": 0.0}
+
+    def hook_for(key):
+        def hook(mod, args, kwargs):
+            q, k, _ = mod.heads_qkv(args[0], kwargs.get("ctx"))  # (B, H, T, hd), (B, H, S, hd)
+            peak[key] = max(peak[key], ((q @ k.transpose(-1, -2)).abs().max() / q.shape[-1] ** 0.5).item())
+        return hook
+
+    hooks = [m.register_forward_pre_hook(hook_for("enc logit max" if name.startswith("encoder.") else "text logit max"),
+                                         with_kwargs=True)
+             for name, m in model.named_modules() if isinstance(m, mdc.Attention)]
+    try:
+        v = model.encoder(imgs)                              # (B, N, D)
+        real = x != PAD
+        if cfg.objective in ("clip", "siglip"):
+            model.embed(v, x, real)
+        else:                                                # the decoder's input in training
+            inp = mdc.shift_right(x) if cfg.objective in ("ar", "cappa") else torch.where(real, MASK, x)
+            model.decode(inp, v, real, causal=cfg.objective in ("ar", "cappa"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return peak
+
+
+def run_name(path):
+    """out/ar/ckpt.pt -> ar; runs/ar.pt -> ar."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == "ckpt" else stem
+
+
+def plot_signal(results, path):
+    """Per-position visual signal of every captioner in a results dict, one line each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for e in results["encoders"]:
+        s = e["metrics"].get("signal per position")
+        if s:
+            k = [i + 1 for i, v in enumerate(s) if v is not None]
+            ax.plot(k, [v for v in s if v is not None], marker="o", ms=3, label=f"{run_name(e['name'])} ({e['objective']})")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel="caption position k (word, then [EOS])", ylabel="CE(wrong image) - CE(true image), nats",
+           title="visual signal per caption position")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -579,13 +670,17 @@ def pct(v):
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+SIGNAL = ("signal early", "signal middle", "signal late")  # nats, not %
+RAW = {**{k: "{:.3f}" for k in SIGNAL}, "enc logit max": "{:.1f}", "text logit max": "{:.1f}"}  # columns printed as they are
+
+
 def format_table(results):
     """Rows = encoders (plus one row per extra scoring rule of mdc), columns = metrics, in %."""
     cols = []
     for e in results["encoders"]:
         for k, v in e["metrics"].items():
             per_rule = isinstance(v, dict) and set(v) <= {r for rs in RULES.values() for r in rs}
-            if (per_rule or k.endswith(("top1", "top5"))) and k not in cols:
+            if (per_rule or k.endswith(("top1", "top5")) or k in RAW) and k not in cols:
                 cols.append(k)
     rows = []
     for e in results["encoders"]:
@@ -598,7 +693,10 @@ def format_table(results):
             cells = []
             for c in cols:
                 v = m.get(c)
-                cells.append(pct(v.get(rule)) if isinstance(v, dict) else pct(v) if i == 0 else "")
+                if c in RAW:
+                    cells.append("" if i else "-" if v is None else RAW[c].format(v))
+                else:
+                    cells.append(pct(v.get(rule)) if isinstance(v, dict) else pct(v) if i == 0 else "")
             name = label if i == 0 else f"  same, scored by {rule}"
             rows.append([name + (f" [{rule}]" if i == 0 and rule else "")] + cells)
     head = ["encoder"] + cols
@@ -686,6 +784,10 @@ def parse(argv):
     p.add_argument("--zeroshot", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compositional", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--signal", action=argparse.BooleanOptionalAction, default=None,
+                   help="visual signal per caption position (captioners; default on with captions)")
+    p.add_argument("--logits", action="store_true", help="largest attention logit on a caption batch (stability)")
+    p.add_argument("--plot", default=None, help="save the per-position visual signal of every captioner as a PNG here")
     p.add_argument("--K", type=int, default=8, help="mdc: Monte Carlo (t, mask) draws per caption score")
     p.add_argument("--n_eval", type=int, default=1000, help="images for zero-shot and compositionality")
     p.add_argument("--n_retrieval", type=int, default=100, help="image-caption pairs for retrieval")
@@ -714,6 +816,7 @@ def main(argv):
     do_zs = on(args.zeroshot, True)
     do_comp = on(args.compositional, synthetic or args.captions is not None)
     do_ret = on(args.retrieval, synthetic or args.captions is not None)
+    do_sig = on(args.signal, synthetic or args.captions is not None)
     captions = args.captions or "shapes"
     encs = load_encoders(args.ckpt, args.model, args.img_size, args.seed, device)
     datasets, caption_sets, results = {}, {}, {"command": command, "machine": machine(), "device": str(device),
@@ -730,7 +833,7 @@ def main(argv):
             model, tok = e["model"], e["tok"]
             if do_zs and (zs := zeroshot(model, cfg, tok, te(), args.dataset, args.n_eval, args.K, args.seed, args.batch_size)):
                 m["zero-shot"] = zs
-            if do_comp or do_ret:
+            if do_comp or do_ret or do_sig or args.logits:
                 key = (captions, cfg.img_size)
                 if key not in caption_sets:
                     caption_sets[key] = data.build_caption_data(captions, img_size=cfg.img_size, seed=args.seed)[1]
@@ -742,6 +845,12 @@ def main(argv):
                 if do_ret:
                     imgs, caps = val.batch(np.arange(args.n_retrieval), 0)
                     m.update(retrieval(model, cfg, tok, imgs, caps, args.K, args.seed, args.batch_size))
+                if args.logits:
+                    imgs, caps = val.batch(np.arange(min(args.n_eval, 256)), 0)
+                    m.update(attention_logit_max(model, cfg, to_float(imgs, cfg.img_size).to(device),
+                                                 tok.batch(caps, cfg.max_len)[0].to(device)))
+                if do_sig and cfg.objective in ("mdc", "ar", "cappa"):
+                    m.update(caption_signal(model, cfg, tok, val, args.n_eval, args.K, args.seed, args.batch_size))
         log(f"done in {time.perf_counter() - t0:.0f} s")
         results["encoders"].append(dict(name=e["name"], kind=e["kind"], objective=cfg.objective if e["kind"] == "ckpt" else None,
                                         step=e.get("step"), config=asdict(cfg), metrics=m))
@@ -750,6 +859,12 @@ def main(argv):
           f"compositionality on {args.n_eval} images, retrieval on {args.n_retrieval} pairs ({captions} val); "
           f"mdc elbo with K={args.K}\n")
     print(format_table(results))
+    if do_sig:
+        print("signal early / middle / late: mean CE(mismatched image) - CE(true image) in nats over the "
+              "first, middle and last third of each caption; mdc at its training t ~ U(t_min, 1)")
+    if args.plot:
+        plot_signal(results, args.plot)
+        print(f"wrote {args.plot}")
     if args.json:
         save_json(args.json, results)
         print(f"\nwrote {args.json}")

@@ -330,6 +330,39 @@ def test_stability_flags_change_the_forward_pass(flag):
     assert abs(l0.item() - l1.item()) > 1e-3
 
 
+def test_training_log_has_gradient_norms_and_grad_clip_0_means_no_clipping(tmp_path):
+    # a clip norm far above any gradient and "0" (no clipping) must give the same weights;
+    # a tiny clip norm must not (so clipping is really applied when asked for)
+    run_train(tmp_path / "off", "--steps=3", "--grad_clip=0")
+    run_train(tmp_path / "huge", "--steps=3", "--grad_clip=1e9")
+    run_train(tmp_path / "tight", "--steps=3", "--grad_clip=1e-4")
+    off, huge, tight = (params(tmp_path / d / "ckpt.pt") for d in ("off", "huge", "tight"))
+    assert all(torch.equal(off[k], huge[k]) for k in off)
+    assert not torch.allclose(off["encoder.patch.weight"], tight["encoder.patch.weight"])
+    rows = list(csv.DictReader(open(tmp_path / "off" / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]      # --log_every=1 in TINY
+    assert all(float(r["grad_norm_max"]) >= float(r["grad_norm_median"]) > 0 for r in rows)
+
+
+def test_qk_norm_bounds_the_attention_logits():
+    # LayerNormed q and k (unit gain at init) have norm sqrt(hd), so |q.k| / sqrt(hd) <= sqrt(hd)
+    # whatever the weights; without it, scaling the projections scales the logits
+    imgs, x, tok = tiny_batch(tiny_cfg(), 4)
+    peaks = {}
+    for flag in ("--qk_norm", "--qk_norm=false"):
+        cfg = tiny_cfg(flag)
+        torch.manual_seed(0)
+        model = mdc.Model(cfg, len(tok)).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ("qkv" in n or ".kv" in n) and p.ndim == 2:
+                    p.mul_(30)
+        peaks[flag] = probe.attention_logit_max(model, cfg, imgs, x)
+    hd = 32 // 2
+    assert max(peaks["--qk_norm"].values()) <= hd ** 0.5 + 1e-4, peaks
+    assert min(peaks["--qk_norm=false"].values()) > 3 * hd ** 0.5, peaks
+
+
 def test_cli_rejects_unknown_flags_and_bad_values():
     with pytest.raises(SystemExit, match=r"(?s)unknown argument '--lrr=1'. Did you mean --lr\?.*--t_min="):
         mdc.parse_args(["--lrr=1"])
@@ -875,6 +908,18 @@ def test_position_signal_is_zero_when_the_decoder_ignores_the_image(models, pair
         assert counted[:5].all() and (s[counted] == 0).all(), s
 
 
+def test_signal_thirds_follow_each_captions_own_length():
+    x = torch.tensor([[5, 6, 7, 8, 9, 10, PAD, PAD, PAD],     # 6 tokens: thirds = positions 0-1, 2-3, 4-5
+                      [5, 6, 7, 8, 9, 10, 11, 12, 13]])       # 9 tokens: 0-2, 3-5, 6-8
+    diff = torch.tensor([[1., 1, 2, 2, 3, 3, 99, 99, 99],     # values at pads must never count
+                         [1., 1, 1, 2, 2, 2, 3, 3, 3]])
+    count = (x != PAD).float()
+    assert probe.signal_thirds(diff * count, count, x) == [1.0, 2.0, 3.0]
+    half = count.clone()
+    half[1, 6:] = 0                                           # positions never counted are left out
+    assert probe.signal_thirds(diff * half, half, x) == [1.0, 2.0, 3.0]
+
+
 def test_results_json_round_trips(models, tmp_path):
     model, cfg, tok = models["mdc"]
     path = str(tmp_path / "mdc.pt")
@@ -887,3 +932,4 @@ def test_results_json_round_trips(models, tmp_path):
     assert [e["name"] for e in back["encoders"]] == [path, "random", "pixels"]
     assert back["encoders"][0]["config"]["width"] == 32 and "zero-shot" in back["encoders"][0]["metrics"]
     assert probe.format_table(back) == probe.format_table(res)
+
