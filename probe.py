@@ -14,13 +14,12 @@ random initialisation) and `pixels` (raw pixels) are the floors every table shou
 - Zero-shot classification, ARO-style compositionality and image-text retrieval, all by
   scoring captions: mdc by its ELBO (K Monte Carlo draws) or a cheap heuristic, ar/cappa by
   the exact log-likelihood, clip/siglip by cosine similarity.
-- `position_signal`: how much each caption position relies on the image.
+- The visual signal per caption position (`--signal`, `--plot`): how much the true image
+  lowers the decoder's loss at each position against a mismatched image; and the largest
+  attention logit (`--logits`), a stability diagnostic.
 
-Speed (`python probe.py --bench`, 2 AMD EPYC cores shared with other jobs, load ~3, torch 2.14):
-the whole L-BFGS sweep (9 strengths on the hold-out + refit, 238 evaluations) on 50,000 x 384
-features with 100 classes took 127.7 s wall (143 s CPU); the ridge sweep 16.3 s. Not yet the
-60 s target on this machine; one evaluation is two (N x D x C) matmuls, so an idle machine or a GPU
-(--device) does better.
+Speed: `python probe.py --bench` (the L-BFGS sweep on 50,000 x 384 features, 100 classes); see
+the README for the measured numbers.
 """
 import argparse
 import hashlib
@@ -284,7 +283,7 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
                     # the same (t, mask) draws for every candidate of an image (common random
                     # numbers): the ELBO's Monte Carlo noise mostly cancels when candidates are compared
                     g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-                    s = mdc.caption_logprob(model, v, xc, cfg.objective, "elbo" if rule == "exact" else rule, K, g)
+                    s = mdc.caption_logprob(model, v, xc, cfg.objective, "elbo" if rule == "exact" else rule, K, g, cfg.t_min)
             out[i:i + b, c] = s.float().cpu()
     return out
 
@@ -854,10 +853,12 @@ def main(argv):
         log(f"done in {time.perf_counter() - t0:.0f} s")
         results["encoders"].append(dict(name=e["name"], kind=e["kind"], objective=cfg.objective if e["kind"] == "ckpt" else None,
                                         step=e.get("step"), config=asdict(cfg), metrics=m))
+    parts = [f"zero-shot on {args.n_eval} images"] if do_zs else []
+    parts += [f"compositionality on {args.n_eval} {captions} val captions"] if do_comp else []
+    parts += [f"retrieval on {args.n_retrieval} {captions} val pairs"] if do_ret else []
     print(f"\n{command}\nmachine: {machine()}, device {device}\nprobe {args.dataset}: "
-          f"ridge / logreg = linear probe (top-1 %), L2 chosen on a 10% hold-out of train; zero-shot and "
-          f"compositionality on {args.n_eval} images, retrieval on {args.n_retrieval} pairs ({captions} val); "
-          f"mdc elbo with K={args.K}\n")
+          f"ridge / logreg = linear probe (top-1 %), L2 chosen on a 10% hold-out of train"
+          + "".join(f"; {p}" for p in parts) + f"; mdc elbo with K={args.K}\n")
     print(format_table(results))
     if do_sig:
         print("signal early / middle / late: mean CE(mismatched image) - CE(true image) in nats over the "

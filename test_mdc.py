@@ -852,6 +852,20 @@ def test_retrieval_and_compositional_run_and_are_fractions(models, pairs):
     assert all(0 <= v["exact"] <= 1 for v in c.values()) and "word shuffle" in c
 
 
+def test_elbo_score_draws_t_in_the_models_own_range():
+    # with t_min = 1 every draw masks every token with weight 1: exactly the 'all' score
+    cfg = tiny_cfg()
+    imgs, x, tok = tiny_batch(cfg, 4)
+    torch.manual_seed(0)
+    model = mdc.Model(cfg, len(tok)).eval()
+    v = model.encoder(imgs)
+    g = torch.Generator().manual_seed(0)
+    at_one = mdc.caption_logprob(model, v, x, "mdc", "elbo", K=3, generator=g, t_min=1.0)
+    assert torch.allclose(at_one, mdc.caption_logprob(model, v, x, "mdc", "all"), atol=1e-5)
+    low = mdc.caption_logprob(model, v, x, "mdc", "elbo", K=3, generator=g, t_min=1e-3)
+    assert not torch.allclose(low, at_one, atol=1e-3)
+
+
 def test_shapes_zeroshot_candidates_differ_only_in_the_class_word():
     for task in ("shape", "shape_color"):
         cands, labels = probe.shapes_zeroshot(task, 50)
@@ -933,3 +947,39 @@ def test_results_json_round_trips(models, tmp_path):
     assert back["encoders"][0]["config"]["width"] == 32 and "zero-shot" in back["encoders"][0]["metrics"]
     assert probe.format_table(back) == probe.format_table(res)
 
+
+# =============================================================================
+# tutorial.ipynb
+
+
+def test_tutorial_notebook_runs_every_cell_in_smoke_mode(tmp_path, monkeypatch):
+    """Every code cell of tutorial.ipynb in order, in one namespace, with MDC_SMOKE=1 (tiny steps and
+    sizes) and matplotlib's Agg backend. Read with json: neither Jupyter nor nbformat is needed.
+    Also checks that the file was saved with the outputs of a full (not smoke) run."""
+    import warnings
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(HERE, "tutorial.ipynb")) as f:
+        cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
+    outputs = [o for c in cells for o in c["outputs"]]
+    text = "".join("".join(o.get("text", "")) for o in outputs)
+    assert not [o for o in outputs if o["output_type"] == "error"], "the saved run has an error"
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 10, "the saved run lacks its plots"
+    assert "smoke mode: False" in text and "whole notebook" in text, "not saved from one full run"
+    monkeypatch.setenv("MDC_SMOKE", "1")
+    monkeypatch.chdir(tmp_path)                            # whatever the notebook writes lands here
+    monkeypatch.syspath_prepend(HERE)                      # it imports mdc, data, probe
+    ns = {"__name__": "tutorial"}
+    for i, cell in enumerate(cells):
+        src = "".join(cell["source"])
+        assert not [s for s in src.splitlines() if s.lstrip().startswith(("%", "!"))], f"code cell {i}: IPython magic"
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*non-interactive.*")  # plt.show() under Agg
+                exec(compile(src, f"tutorial.ipynb code cell {i}", "exec"), ns)
+        except Exception as e:
+            pytest.fail(f"tutorial.ipynb code cell {i} raised {type(e).__name__}: {e}\n{src}")
+        finally:
+            plt.close("all")
+    assert ns["SMOKE"] and ns["TIMES"]["whole notebook"] > 0
