@@ -289,6 +289,7 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
 
 
 def rules_of(cfg):
+    """The scoring rules of an objective; the functions below take rules=... to run fewer."""
     return RULES[cfg.objective]
 
 
@@ -332,7 +333,7 @@ def class_names(ds):
     return [c.replace("_", " ") for c in names]
 
 
-def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128):
+def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=None):
     """Accuracy per scoring rule on (up to) n test images. None if the classes have no names."""
     kind, _, task = spec.partition(":")
     if kind == "shapes":
@@ -348,7 +349,7 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128):
         imgs, labels = imgs[pick], labels[pick]
         cands = [[t.format(c) for c in names for t in TEMPLATES]] * len(labels)
     out = {}
-    for rule in rules_of(cfg):
+    for rule in rules or rules_of(cfg):
         s = score_captions(model, cfg, tok, imgs, cands, rule, K, batch_size, seed)   # (B, C * templates)
         s = s.view(len(labels), -1, len(TEMPLATES) if kind != "shapes" else 1).mean(-1)  # average templates
         out[rule] = (s.argmax(1) == labels).float().mean().item()
@@ -427,7 +428,7 @@ def corruptions(caption, rng, synthetic=True):
     return out
 
 
-def compositional(model, cfg, tok, imgs, caps, synthetic=True, K=8, seed=0, batch_size=128):
+def compositional(model, cfg, tok, imgs, caps, synthetic=True, K=8, seed=0, batch_size=128, rules=None):
     """Fraction of pairs where the true caption outscores its corruption (ties count half;
     chance = 0.5), per corruption and scoring rule: {corruption: {rule: fraction}}."""
     rng = np.random.default_rng(seed)
@@ -439,7 +440,7 @@ def compositional(model, cfg, tok, imgs, caps, synthetic=True, K=8, seed=0, batc
             continue
         pairs = [[caps[i], bad[i][name]] for i in keep]
         out[name] = {}
-        for rule in rules_of(cfg):
+        for rule in rules or rules_of(cfg):
             s = score_captions(model, cfg, tok, imgs[keep], pairs, rule, K, batch_size, seed)  # (B, 2)
             out[name][rule] = ((s[:, 0] > s[:, 1]).float() + 0.5 * (s[:, 0] == s[:, 1]).float()).mean().item()
     return out
@@ -456,13 +457,13 @@ def multi_object(val, n, seed):
 # Image-text retrieval: every image against every caption
 
 
-def retrieval(model, cfg, tok, imgs, caps, K=8, seed=0, batch_size=128):
+def retrieval(model, cfg, tok, imgs, caps, K=8, seed=0, batch_size=128, rules=None):
     """Recall@1/5 image->text and text->image over N pairs: {metric: {rule: value}}.
     Captioners score log p(caption | image): comparable across images for a fixed caption, but
     across captions it favours short ones, so their image->text numbers carry a length bias."""
     N = len(caps)
     out = {}
-    for rule in rules_of(cfg):
+    for rule in rules or rules_of(cfg):
         S = score_captions(model, cfg, tok, imgs, [caps] * N, rule, K, batch_size, seed)  # (N images, N captions)
         true = S.diagonal()
         # rank of the true partner: how many others score at least as high (ties count against)
@@ -684,9 +685,8 @@ def format_table(results):
     rows = []
     for e in results["encoders"]:
         m = e["metrics"]
-        rules = RULES.get(e.get("objective"), ())
-        if not any(isinstance(m.get(c), dict) for c in cols):
-            rules = rules[:1]
+        known = RULES.get(e.get("objective"), ())
+        rules = [r for r in known if any(isinstance(v, dict) and r in v for v in m.values())] or known[:1]  # those that ran
         label = e["name"] + (f" ({e['objective']})" if e.get("objective") else "")
         for i, rule in enumerate(rules or [None]):
             cells = []
@@ -787,6 +787,7 @@ def parse(argv):
                    help="visual signal per caption position (captioners; default on with captions)")
     p.add_argument("--logits", action="store_true", help="largest attention logit on a caption batch (stability)")
     p.add_argument("--plot", default=None, help="save the per-position visual signal of every captioner as a PNG here")
+    p.add_argument("--mdc_rules", default="elbo,pll,all", help="mdc's scoring rules to run (pll costs a decoder pass per token)")
     p.add_argument("--K", type=int, default=8, help="mdc: Monte Carlo (t, mask) draws per caption score")
     p.add_argument("--n_eval", type=int, default=1000, help="images for zero-shot and compositionality")
     p.add_argument("--n_retrieval", type=int, default=100, help="image-caption pairs for retrieval")
@@ -830,7 +831,8 @@ def main(argv):
         cfg = e["cfg"]
         if e["kind"] == "ckpt":
             model, tok = e["model"], e["tok"]
-            if do_zs and (zs := zeroshot(model, cfg, tok, te(), args.dataset, args.n_eval, args.K, args.seed, args.batch_size)):
+            rules = [r for r in args.mdc_rules.split(",") if r] if cfg.objective == "mdc" else None
+            if do_zs and (zs := zeroshot(model, cfg, tok, te(), args.dataset, args.n_eval, args.K, args.seed, args.batch_size, rules)):
                 m["zero-shot"] = zs
             if do_comp or do_ret or do_sig or args.logits:
                 key = (captions, cfg.img_size)
@@ -840,10 +842,10 @@ def main(argv):
                 cap_synth = captions == "shapes"
                 if do_comp:
                     imgs, caps = multi_object(val, args.n_eval, args.seed) if cap_synth else val.batch(np.arange(args.n_eval), 0)
-                    m.update(compositional(model, cfg, tok, imgs, caps, cap_synth, args.K, args.seed, args.batch_size))
+                    m.update(compositional(model, cfg, tok, imgs, caps, cap_synth, args.K, args.seed, args.batch_size, rules))
                 if do_ret:
                     imgs, caps = val.batch(np.arange(args.n_retrieval), 0)
-                    m.update(retrieval(model, cfg, tok, imgs, caps, args.K, args.seed, args.batch_size))
+                    m.update(retrieval(model, cfg, tok, imgs, caps, args.K, args.seed, args.batch_size, rules))
                 if args.logits:
                     imgs, caps = val.batch(np.arange(min(args.n_eval, 256)), 0)
                     m.update(attention_logit_max(model, cfg, to_float(imgs, cfg.img_size).to(device),
