@@ -575,9 +575,10 @@ def attention_logit_max(model, cfg, imgs, x):
 
 
 def run_name(path):
-    """out/ar/ckpt.pt -> ar; runs/ar.pt -> ar."""
+    """out/ar/ckpt.pt -> ar; runs/ar.pt -> ar; runs/ar/step400.pt -> ar/step400."""
     stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.basename(os.path.dirname(os.path.abspath(path))) if stem == "ckpt" else stem
+    run = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return run if stem == "ckpt" else f"{run}/{stem}" if re.fullmatch(r"step\d+", stem) else stem
 
 
 def plot_signal(results, path):

@@ -940,7 +940,12 @@ def test_results_json_round_trips(models, tmp_path):
     mdc.save_checkpoint(path, model, None, cfg, tok, 300)
     out = str(tmp_path / "r.json")
     res = probe.main([f"--ckpt={path}", "--ckpt=random", "--ckpt=pixels", f"--json={out}", "--fitter=ridge",
-                      "--n_eval=12", "--n_retrieval=6", "--K=2", f"--cache_dir={tmp_path}/cache"])
+                      "--n_eval=12", "--n_retrieval=6", "--K=2", f"--cache_dir={tmp_path}/cache", "--logits",
+                      f"--plot={tmp_path}/signal.png"])
+    assert open(tmp_path / "signal.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    m = res["encoders"][0]["metrics"]
+    assert len(m["signal per position"]) == cfg.max_len and m["enc logit max"] > 0 and m["text logit max"] > 0
+    assert probe.run_name("out/ar/ckpt.pt") == "ar" and probe.run_name("runs/ar/step400.pt") == "ar/step400"
     back = probe.load_json(out)
     assert back == res                                     # no NaN, tuple or tensor slipped in
     assert [e["name"] for e in back["encoders"]] == [path, "random", "pixels"]
