@@ -532,10 +532,12 @@ def caption_signal(model, cfg, tok, val, n, K=4, seed=0, batch_size=128):
     x = tok.batch(caps, cfg.max_len)[0]                      # (n, L)
     g = torch.Generator().manual_seed(seed)
     diff, count = torch.zeros(x.shape), torch.zeros(x.shape)
-    for i in range(0, n, batch_size):
-        d, c = signal_terms(model, cfg, to_float(imgs[i:i + batch_size], cfg.img_size).to(device),
-                            x[i:i + batch_size].to(device), None, K, g)
-        diff[i:i + batch_size], count[i:i + batch_size] = d.float().cpu(), c.float().cpu()
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:  # a batch of one would be "mismatched" with itself
+        starts.pop()
+    for i, j in zip(starts, starts[1:] + [n]):
+        d, c = signal_terms(model, cfg, to_float(imgs[i:j], cfg.img_size).to(device), x[i:j].to(device), None, K, g)
+        diff[i:j], count[i:j] = d.float().cpu(), c.float().cpu()
     per_pos = diff.sum(0) / count.sum(0)                     # (L,)
     early, middle, late = [None if v != v else v for v in signal_thirds(diff, count, x)]  # nan -> None for JSON
     return {"signal early": early, "signal middle": middle, "signal late": late,
@@ -800,6 +802,9 @@ def parse(argv):
     p.add_argument("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
     a = p.parse_args(argv)
     a.classes = int(a.classes) if a.classes.isdigit() else a.classes
+    bad = [r for r in a.mdc_rules.split(",") if r not in RULES["mdc"]]
+    if bad:
+        p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(RULES['mdc'])}")
     return a
 
 

@@ -934,6 +934,20 @@ def test_signal_thirds_follow_each_captions_own_length():
     assert probe.signal_thirds(diff * half, half, x) == [1.0, 2.0, 3.0]
 
 
+def test_caption_signal_never_pairs_a_caption_with_its_own_image(models, monkeypatch):
+    model, cfg, tok = models["ar"]
+    sizes, real = [], probe.signal_terms
+    monkeypatch.setattr(probe, "signal_terms", lambda m, c, imgs, *a: sizes.append(len(imgs)) or real(m, c, imgs, *a))
+    probe.caption_signal(model, cfg, tok, data.Shapes(0, cfg.img_size), n=9, K=1, batch_size=4)
+    assert sizes == [4, 5]                                 # not [4, 4, 1]: a lone image is rolled onto itself
+
+
+def test_probe_cli_rejects_unknown_scoring_rules():
+    with pytest.raises(SystemExit):
+        probe.parse(["--ckpt=random", "--mdc_rules=elbo,pl"])
+    assert probe.parse(["--ckpt=random", "--mdc_rules=elbo,all"]).mdc_rules == "elbo,all"
+
+
 def test_results_json_round_trips(models, tmp_path):
     model, cfg, tok = models["mdc"]
     path = str(tmp_path / "mdc.pt")
