@@ -7,14 +7,11 @@ them, and the labelled probe sets (synthetic, CIFAR-10/100, ImageFolder trees).
 Everything here returns plain tensors: images as float (B, 3, H, W) in [0, 1],
 captions as strings that the tokenizer turns into (B, L) int64 ids.
 
-    python data.py prepare --data=flickr:../shared/data/flickr8k --size=64 --out=/tmp/f8k64
-    python data.py bench   --data=flickr:../shared/data/flickr8k --size=64 --out=/tmp/f8k64 --threads=1
+    python data.py prepare --data=flickr:data/flickr8k --size=64 --out=data/f8k64   # decode once
+    python data.py bench   --data=flickr:data/flickr8k --size=64 --out=data/f8k64   # feed rates
 
-On a shared, heavily loaded 2-core CPU box (no GPU), with --threads=1, the cache fed
-116k-144k images/s against 3.2k-9.1k for JPEG decoding in a 2-worker DataLoader
-(13-45x, over 3 runs); with torch's default 2 threads, OpenMP fighting the other jobs
-for the cores cut the cache path to 16k-47k (4-10x). augment() belongs on the GPU:
-on this CPU it is the bottleneck (10k-16k images/s, bilinear, 1 thread).
+Reading a prepared cache is an index into a memory map, no decoding: RESULTS.md has the feed
+rates of both paths. augment() is written for the device the batch is on (the GPU).
 """
 import argparse
 import csv
@@ -73,14 +70,12 @@ class Tokenizer:
         return ids + [EOS]
 
     def batch(self, texts, max_len):
-        """(B, max_len) int64, right-padded with [PAD]; also returns how many were truncated."""
+        """(B, max_len) int64 ids, right-padded with [PAD] (truncation_report counts the cut ones)."""
         out = torch.full((len(texts), max_len), PAD, dtype=torch.long)
-        truncated = 0
         for i, t in enumerate(texts):
             ids = self.encode(t, max_len)
-            truncated += len(split_words(t)) > max_len - 1
             out[i, :len(ids)] = torch.tensor(ids)
-        return out, truncated
+        return out
 
     def decode(self, ids):
         """Words up to the first [EOS]; [PAD], [BOS] and [MASK] are skipped ([MASK] shown as _)."""
@@ -249,12 +244,10 @@ class Shapes:
         imgs = render(attrs, self.img_size, self.seed, idx)
         return imgs, [describe(attrs, i) for i in range(len(idx))]
 
-    def vocabulary_captions(self, n=20000):
+    def vocab_captions(self, n=20000):
         """Enough captions to cover every word of the grammar, for Tokenizer.build."""
         attrs = scene_attributes(self.seed, np.arange(n))
         return [describe(attrs, i) for i in range(n)]
-
-    vocab_captions = vocabulary_captions  # the name every caption dataset shares
 
     def report(self):
         return "shapes: synthetic, generated on the fly, nothing skipped"
@@ -322,12 +315,12 @@ class SkipLog:
         return f"{self.name}: skipped {n:,} of {self.total:,} pairs: {why}"
 
 
-def truncation_report(tok, captions, max_len):
-    """How many captions do not fit in max_len tokens (the tokenizer cuts them, keeping [EOS]
-    last). Returns (fraction truncated, a one-line message) for the training log."""
+def truncation_report(captions, max_len):
+    """One line for the training log: how many captions do not fit in max_len tokens (the
+    tokenizer cuts them, keeping [EOS] last)."""
     n = sum(len(split_words(c)) > max_len - 1 for c in captions)
-    frac = n / max(len(captions), 1)
-    return frac, f"{n:,} of {len(captions):,} captions ({100 * frac:.2f}%) are longer than max_len={max_len} and get truncated, keeping [EOS]"
+    return (f"{n:,} of {len(captions):,} captions ({100 * n / max(len(captions), 1):.2f}%) are longer than "
+            f"max_len={max_len} and get truncated, keeping [EOS]")
 
 
 # -----------------------------------------------------------------------------
@@ -405,6 +398,14 @@ def to_float(imgs, device=None):
     """uint8 (B, 3, S, S) -> float32 in [0, 1], converted after the copy to the device (4x fewer bytes moved)."""
     imgs = imgs.to(device, non_blocking=True) if device is not None else imgs
     return imgs.float().div_(255) if imgs.dtype == torch.uint8 else imgs
+
+
+def to_input(imgs, size):
+    """uint8 or float (B, 3, S, S) -> float in [0, 1] at an encoder's input size (antialiased)."""
+    imgs = to_float(imgs).float()
+    if imgs.shape[-1] != size:
+        imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return imgs
 
 
 class _Files:
@@ -750,6 +751,17 @@ class ImageLabels(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.x[i].float() / 255, int(self.y[i])
+
+
+def dataset_tensors(ds):
+    """(images, labels) of a probe dataset without a per-item Python loop where possible:
+    images uint8 or float (N, 3, S, S), labels int64 (N,)."""
+    if hasattr(ds, "x"):                                   # ImageLabels (uint8)
+        return ds.x, ds.y
+    if isinstance(ds, torch.utils.data.TensorDataset):     # the synthetic probe (float)
+        return ds.tensors
+    xs, ys = zip(*[ds[i] for i in range(len(ds))])
+    return torch.stack(xs), torch.as_tensor(ys)
 
 
 def _resize_u8(x, img_size):  # uint8 (N, 3, S, S) -> uint8 (N, 3, img_size, img_size)

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tqdm import tqdm
+
 import data
 from data import BOS, MASK, PAD
 
@@ -61,6 +63,7 @@ class Config:
     mdc_weight: str = "elbo"    # mdc: elbo = 1/t-weighted masked CE over real tokens; none = mean masked CE
     antithetic: bool = True     # mdc: low-discrepancy t across the batch (MDLM), lowers loss variance
     cappa_frac: float = 0.75    # cappa: fraction of examples with all tokens masked (parallel prediction)
+    freeze_encoder: bool = False  # train the text side only, on the ViT at its random init (a text-prior floor)
     qk_norm: bool = False       # LayerNorm on queries and keys: bounds attention logits (stability)
     z_loss: float = 0.0         # weight of log(Z)^2 on the decoder's logits (stability, PaLM)
     # optimisation
@@ -341,6 +344,16 @@ def draw_noise(cfg, B, step, salt=0):
     return u, torch.rand(B, cfg.max_len, generator=g)
 
 
+def corrupt(x, t, r):
+    """MDC's forward process: every real token of x (B, L) becomes [MASK] with probability t,
+    t a number or (B,) per caption, decided by its uniform r (B, L) < t; [PAD] stays [PAD].
+    Training, scoring and the signal measurements all corrupt through here.
+    Returns (x_t (B, L) ids, masked (B, L) bool)."""
+    t = torch.as_tensor(t, dtype=r.dtype, device=r.device).reshape(-1, 1)   # (B or 1, 1)
+    masked = (r[:, :x.shape[1]] < t) & (x != PAD)                            # (B, L)
+    return torch.where(masked, MASK, x), masked
+
+
 def token_ce(logits, x):
     return F.cross_entropy(logits.transpose(1, 2), x, reduction="none")     # (B, L)
 
@@ -353,18 +366,17 @@ def z_penalty(logits, real, z_loss):
 
 
 def mdc_loss(model, imgs, x, u, r, cfg):
-    """Masked diffusion captioning. x: (B, L) ids with [PAD]; u: (B,); r: (B, L) uniforms.
-    Defaults t_min = 0.5 and the 1/t weight: in the README's sweep (t_min 0.001-0.75 x elbo/none,
-    equal budget) the probe moved within 3 points (37.7-40.7%), 0.5 + elbo the highest; the
-    plain ELBO (t_min 0.001) gave the weakest visual signal and zero-shot (on Flickr8k its decoder
-    ignored the image), and lost 4.8 probe points to t_min 0.5 in DESIGN.md's real-data reference
-    run; t_min 0.75 probed lowest and degrades the relation-swap test."""
+    """Masked diffusion captioning. x: (B, L) ids with [PAD]; u: (B,) and r: (B, L) uniforms.
+    Mask every real token with probability t ~ U(t_min, 1), predict the masked ones from the rest
+    and the image, weight their cross-entropy by 1/t. With t_min -> 0 this is the masked-diffusion
+    bound on -log p(caption | image) per token (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025);
+    t_min > 0 leaves out the nearly unmasked captions, which the text alone can fill in."""
     real = x != PAD                                            # (B, L)
     t = sample_t(u, cfg.t_min)                                 # (B,) mask ratio per caption
-    masked = (r < t[:, None]) & real                           # (B, L) True = replaced by [MASK]
-    logits = model(imgs, torch.where(masked, MASK, x), real)   # (B, L, V), bidirectional
+    xt, masked = corrupt(x, t, r)                              # (B, L), True = replaced by [MASK]
+    logits = model(imgs, xt, real)                             # (B, L, V), bidirectional
     ce = token_ce(logits, x) * masked                          # (B, L) CE at masked tokens only
-    if cfg.mdc_weight == "elbo":  # 1/t weight: the loss bounds -log p(x|image) (MDLM eq. 10, LLaDA)
+    if cfg.mdc_weight == "elbo":  # 1/t: each token counts once in expectation, whatever t
         n = real.sum()
         loss = (ce / t[:, None]).sum() / n
     else:                          # ablation: plain mean CE over the masked tokens
@@ -421,44 +433,44 @@ LOSSES = {"mdc": mdc_loss, "ar": ar_loss, "cappa": cappa_loss, "clip": clip_loss
 
 
 @torch.no_grad()
-def generate(model, imgs, objective, max_len, steps=0, order="confidence", length=None, generator=None):
-    """Captions for images (B, 3, S, S) -> token ids (B, L'); decode with Tokenizer.decode (stops at [EOS]).
-    mdc: start from L' [MASK] tokens and unmask over `steps` rounds, the most confident first
-    (MaskGIT) or in random order (MDLM). L' comes from `length` (int or (B,) tensor) or is
-    drawn from the model's caption-length prior. ar / cappa: greedy left to right."""
-    v = model.encoder(imgs)
+def generate_ar(model, imgs, max_len):
+    """Greedy left-to-right captions (ar, cappa): images (B, 3, S, S) -> ids (B, max_len).
+    Decode with Tokenizer.decode, which stops at [EOS]."""
+    v = model.encoder(imgs)                                             # (B, N, D)
     B, dev = len(imgs), imgs.device
-    if objective in ("ar", "cappa"):
-        x = torch.full((B, max_len), BOS, dtype=torch.long, device=dev)   # x[:, k] is input k
-        out = torch.full((B, max_len), PAD, dtype=torch.long, device=dev)
-        real = torch.ones(B, max_len, dtype=torch.bool, device=dev)
-        for k in range(max_len):  # causal: later (dummy) inputs cannot change position k
-            out[:, k] = model.decode(x, v, real, causal=True)[:, k].argmax(-1)
-            if k + 1 < max_len:
-                x[:, k + 1] = out[:, k]
-        return out
-    if objective != "mdc":
-        raise ValueError(f"{objective} has no decoder to generate with")
+    x = torch.full((B, max_len), BOS, dtype=torch.long, device=dev)    # x[:, k] is input k
+    out = torch.full((B, max_len), PAD, dtype=torch.long, device=dev)
+    real = torch.ones(B, max_len, dtype=torch.bool, device=dev)
+    for k in range(max_len):  # causal: the dummy inputs after k cannot change position k
+        out[:, k] = model.decode(x, v, real, causal=True)[:, k].argmax(-1)
+        if k + 1 < max_len:
+            x[:, k + 1] = out[:, k]
+    return out
+
+
+@torch.no_grad()
+def generate_mdc(model, imgs, length=None, steps=0, order="confidence", generator=None):
+    """MDC captions by iterative unmasking: start from L' [MASK] tokens and over `steps` rounds
+    (0 = one token per round) predict every masked position and commit some, the most confident
+    first (MaskGIT) or in random order (MDLM's ancestral sampler). L' is `length` (an int or (B,))
+    or drawn from the model's caption-length prior. images (B, 3, S, S) -> ids (B, L')."""
+    v = model.encoder(imgs)                                             # (B, N, D)
+    B, dev = len(imgs), imgs.device
     if length is None:
         length = torch.multinomial(model.len_hist[1:].float().cpu(), B, True, generator=generator) + 1
-    length = torch.as_tensor(length, device=dev).expand(B)
-    Lp = int(length.max())
-    real = torch.arange(Lp, device=dev)[None] < length[:, None]       # (B, L')
+    length = torch.as_tensor(length, device=dev).expand(B)              # (B,) tokens, [EOS] included
+    real = torch.arange(int(length.max()), device=dev)[None] < length[:, None]   # (B, L')
     x = torch.where(real, MASK, PAD)                                    # (B, L') all masked
-    steps = steps or Lp
+    steps = steps or real.shape[1]
     for k in range(steps):
         masked = x == MASK
-        logits = model.decode(x, v, real).float()                       # (B, L', V)
-        conf, pred = logits.softmax(-1).max(-1)                         # (B, L')
+        conf, pred = model.decode(x, v, real).float().softmax(-1).max(-1)   # (B, L') each
         if order == "random":
             conf = torch.rand(conf.shape, generator=generator).to(dev)
-        # keep round(n_masked_at_start * (1 - (k+1)/steps)) masked, commit the rest
-        keep = (length.float() * (1 - (k + 1) / steps)).floor().long()   # (B,)
-        n_commit = masked.sum(1) - keep                                  # (B,)
-        conf = conf.masked_fill(~masked, -1.0)
+        keep = (length.float() * (1 - (k + 1) / steps)).floor().long()   # (B,) still masked after round k
+        conf = conf.masked_fill(~masked, -1.0)                          # only masked positions compete
         rank = conf.argsort(1, descending=True).argsort(1)               # (B, L') 0 = most confident
-        commit = masked & (rank < n_commit[:, None])
-        x = torch.where(commit, pred, x)
+        x = torch.where(masked & (rank < (masked.sum(1) - keep)[:, None]), pred, x)
     return x
 
 
@@ -468,29 +480,138 @@ def caption_logprob(model, v, x, objective, method="elbo", K=8, generator=None, 
     v: (B, N, D) image tokens, x: (B, L) ids. ar/cappa: the exact log-likelihood.
     mdc: method 'elbo' = minus the 1/t-weighted masked CE averaged over K (t, mask) draws,
     t stratified over [t_min, 1] (pass the model's own t_min: below it the model was never
-    trained, and weights up to 1/0.001 there made the score mostly noise; with t_min > 0 it is
+    trained and the weight 1/t is large, so those draws are mostly noise; with t_min > 0 it is
     the training loss, no longer a bound on the likelihood); 'pll' = each token masked alone,
     'all' = every token masked at once."""
     real = x != PAD
     if objective in ("ar", "cappa"):
         return -(token_ce(model.decode(shift_right(x), v, real, causal=True).float(), x) * real).sum(1)
     B, L = x.shape
-    if method == "all":
-        return -(token_ce(model.decode(torch.where(real, MASK, x), v, real).float(), x) * real).sum(1)
-    if method == "pll":
-        total = torch.zeros(B, device=x.device)
-        for k in range(L):
-            m = real & (torch.arange(L, device=x.device) == k)[None]
-            if m.any():
-                total -= (token_ce(model.decode(torch.where(m, MASK, x), v, real).float(), x) * m).sum(1)
-        return total
+    nll = lambda xt, masked, w=1.0: (token_ce(model.decode(xt, v, real).float(), x) * masked * w).sum(1)  # (B,)
+    if method == "all":                                                  # t = 1
+        return -nll(*corrupt(x, 1.0, torch.zeros(B, L, device=x.device)))
+    if method == "pll":                                                  # r = 0 at k alone: only k is masked
+        pos = torch.arange(L, device=x.device)
+        return -sum(nll(*corrupt(x, 1.0, (pos != k).float().expand(B, L))) for k in range(L) if real[:, k].any())
     total = torch.zeros(B, device=x.device)
     for k in range(K):  # one t in each K-th of [t_min, 1]: fewer draws for the same accuracy
         t = sample_t((k + torch.rand(B, generator=generator)) / K, max(t_min, 1e-3)).to(x.device)  # (B,)
-        m = (torch.rand(B, L, generator=generator).to(x.device) < t[:, None]) & real
-        ce = token_ce(model.decode(torch.where(m, MASK, x), v, real).float(), x) * m
-        total -= (ce / t[:, None]).sum(1) / K
+        total -= nll(*corrupt(x, t, torch.rand(B, L, generator=generator).to(x.device)), 1 / t[:, None]) / K
     return total
+
+
+# -----------------------------------------------------------------------------
+# The end-of-run check: a closed-form linear probe of the encoder against its floors
+# (probe.py has the full evaluation; these pieces are shared with it)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; a no-op on a CPU, which runs in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def extract(featurize, ds, size, device, batch_size=256, desc="features"):
+    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset, with a
+    progress bar. Returns (features float32 (N, D) on the CPU, labels int64 (N,))."""
+    imgs, labels = data.dataset_tensors(ds)
+    out = []
+    for i in tqdm(range(0, len(imgs), batch_size), desc=desc, leave=False, disable=len(imgs) < 4 * batch_size or None):
+        with autocast(device):
+            out.append(featurize(data.to_input(imgs[i:i + batch_size], size).to(device)).float().cpu())
+    return torch.cat(out), labels.long()
+
+
+def standardize(xtr, *others):
+    """Zero mean, unit variance with the training set's statistics (fitted on train only)."""
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    return [(x - mu) / sd for x in (xtr, *others)]
+
+
+def stratified_holdout(y, frac=0.1, seed=0):
+    """Indices (fit, hold-out) with frac of every class held out (at least one per class)."""
+    g = torch.Generator().manual_seed(seed)
+    fit, hold = [], []
+    for c in y.unique():
+        idx = (y == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = max(1, round(frac * len(idx))) if len(idx) > 1 else 0
+        hold.append(idx[:n])
+        fit.append(idx[n:])
+    return torch.cat(fit).sort().values, torch.cat(hold).sort().values
+
+
+def topk(logits, y, k=1):
+    """Fraction of rows whose label is among the k highest logits."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, 1).indices == y[:, None].to(logits.device)).any(1).float().mean().item()
+
+
+def accuracies(prefix, logits, y, n_classes):
+    out = {f"{prefix} top1": topk(logits, y, 1)}
+    if n_classes >= 20:  # top-5 means little with few classes
+        out[f"{prefix} top5"] = topk(logits, y, 5)
+    return out
+
+
+RIDGE_GRID = [10.0 ** e for e in np.arange(-7, 4.01, 0.5)]
+
+
+def ridge_fit(x, y, n_classes):
+    """Closed-form ridge for every lam at once: one eigendecomposition of X^T X; then
+    W(lam) = Q diag(1 / (e + N lam)) Q^T X^T Y is one small matmul per lam (big_vision few-shot).
+    x: standardised (N, D). Returns solve(lam) -> (W (D, C), bias (C,))."""
+    x = x.double()
+    Y = F.one_hot(y, n_classes).double()
+    ybar = Y.mean(0)                                        # the free bias: x is centred
+    e, Q = torch.linalg.eigh(x.T @ x)                       # (D,), (D, D)
+    QtXtY = Q.T @ (x.T @ (Y - ybar))                        # (D, C)
+    e = e.clamp(min=0)
+    return lambda lam: (Q @ (QtXtY / (e + len(x) * lam)[:, None]), ybar)
+
+
+def ridge_probe(xtr, ytr, xte, yte, n_classes, grid=RIDGE_GRID, seed=0, log=print):
+    """Linear probe by ridge regression onto one-hot labels, mean ||XW - Y||^2 + lam ||W||^2 on
+    standardised features: lam picked on a stratified 10% hold-out, refit on all, test once."""
+    xtr, xte = standardize(xtr, xte)
+    fit, hold = stratified_holdout(ytr, 0.1, seed)
+    solve = ridge_fit(xtr[fit], ytr[fit], n_classes)
+    xh = xtr[hold].double()
+    accs = [topk(xh @ W + b, ytr[hold]) for W, b in map(solve, grid)]
+    best = max(range(len(grid)), key=lambda i: (accs[i], i))  # ties -> the stronger regularisation
+    lam = grid[best]
+    if best in (0, len(grid) - 1):
+        log(f"ridge: best lam {lam:.0e} is on the edge of the grid {grid[0]:.0e}..{grid[-1]:.0e}")
+    W, b = ridge_fit(xtr, ytr, n_classes)(lam)
+    return {**accuracies("ridge", xte.double() @ W + b, yte, n_classes), "ridge lambda": float(lam)}
+
+
+def random_encoder(cfg, seed, device):
+    """The floor: the same ViT at its (seeded) random initialisation, in eval mode."""
+    torch.manual_seed(seed)
+    enc = ViT(cfg)
+    enc.apply(Model._init)
+    return enc.to(device).eval()
+
+
+def quick_probe(model, cfg):
+    """Ridge probe on cfg.probe of the trained encoder, the same ViT at random initialisation
+    (seeded) and raw pixels, printed on one line; the closed-form fitter keeps it to seconds.
+    Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    tr = data.probe_dataset(cfg.probe, "train", cfg.img_size, seed=cfg.seed)
+    te = data.probe_dataset(cfg.probe, "test", cfg.img_size, seed=cfg.seed)
+    rand = random_encoder(cfg, cfg.seed + 1, device)
+    flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
+    out = {}
+    for name, fn in (("trained", model.encoder.features), ("random init", rand.features), ("pixels", flat)):
+        a, b = (extract(fn, ds, cfg.img_size, device) for ds in (tr, te))
+        out[name] = ridge_probe(*a, *b, tr.n_classes, log=lambda s: None)["ridge top1"]
+    print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
+          f"L2 chosen on a 10% hold-out; {time.perf_counter() - t0:.0f} s; probe.py has more): "
+          + " | ".join(f"{k} {100 * v:.1f}%" for k, v in out.items()))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -535,9 +656,10 @@ def load_checkpoint(path, device="cpu"):
     return model.eval(), cfg, tok, ckpt
 
 
-def pick_device(cfg):
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
+def pick_device(name="auto"):
+    """auto = CUDA when there is one, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -555,139 +677,143 @@ def setup_distributed(device):
 
 
 def caption_data(cfg):
-    """(train set, val set, tokenizer), the tokenizer built from the training captions."""
+    """(train set, val set, tokenizer, the training captions): the tokenizer is built from them."""
     train, val = data.build_caption_data(cfg.data, img_size=cfg.img_size, seed=cfg.seed, all_captions=cfg.all_captions,
                                          image_col=cfg.image_col, caption_col=cfg.caption_col, val_frac=cfg.val_frac)
     caps = train.vocab_captions()
-    tok = data.Tokenizer.build(caps, cfg.vocab_min_count)
-    return train, val, tok, caps
+    return train, val, data.Tokenizer.build(caps, cfg.vocab_min_count), caps
 
 
-def length_histogram(tok, caps, max_len):
+def length_histogram(caps, max_len):
+    """(max_len + 1,) counts of caption lengths in tokens, [EOS] included (mdc's length prior)."""
     lengths = [min(len(data.split_words(c)), max_len - 1) + 1 for c in caps]
     return torch.bincount(torch.tensor(lengths), minlength=max_len + 1)[:max_len + 1]
 
 
 @torch.no_grad()
-def evaluate(model, cfg, val, tok, device, autocast, n_batches=4):
+def evaluate(model, cfg, val, tok, n_batches=4):
     """Mean validation loss on fixed batches with fixed noise, comparable across steps and runs."""
+    device = next(model.parameters()).device
     model.eval()
     losses = []
     n_batches = min(n_batches, len(val) // cfg.batch_size) or 1
     for i in range(n_batches):
-        imgs, caps = val.batch(np.arange(i * cfg.batch_size, min((i + 1) * cfg.batch_size, len(val))), 0)
-        x = tok.batch(caps, cfg.max_len)[0].to(device)
+        imgs, caps = val.batch(np.arange(i * cfg.batch_size, min((i + 1) * cfg.batch_size, len(val))))
+        x = tok.batch(caps, cfg.max_len).to(device)
         u, r = draw_noise(cfg, len(x), i, salt=999)
-        with autocast:
+        with autocast(device):
             losses.append(LOSSES[cfg.objective](model, imgs.to(device), x, u.to(device), r.to(device), cfg)[0].item())
     model.train()
     return sum(losses) / len(losses)
 
 
-def train(cfg):
-    from tqdm import tqdm
+def device_batch(imgs, caps, tok, cfg, step, rank=0, world=1):
+    """A batch of data.batches -> (images (b, 3, S, S), augmented if asked, ids (b, L)), on the
+    images' device. The augmentation is seeded by (seed, step, rank), so a resumed run repeats it."""
+    x = tok.batch(caps, cfg.max_len).to(imgs.device, non_blocking=True)
+    if cfg.augment:
+        imgs = data.augment(imgs, torch.Generator(device=imgs.device).manual_seed(cfg.seed * 7919 + step * world + rank))
+    return imgs, x
+
+
+def train_step(model, opt, imgs, x, step, cfg, rank=0, world=1):
+    """One optimisation step at `step` on this process's share of the global batch: images
+    (b, 3, S, S) and ids (b, L) on the device. The noise is drawn for the global batch and
+    sliced, so a resumed or a DDP run sees the same draws. Returns (loss, gradient norm before
+    clipping) as tensors: reading them would wait for the GPU."""
+    b = len(x)
+    u, r = draw_noise(cfg, b * world, step)
+    u, r = (a[rank * b:(rank + 1) * b].to(x.device) for a in (u, r))      # this rank's rows
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    with autocast(x.device):
+        loss, n = LOSSES[cfg.objective](model, imgs, x, u, r, cfg)
+    scaled = loss
+    if world > 1:  # DDP averages gradients; rescale so the result is normalised by the global count
+        total = torch.as_tensor(n, dtype=torch.float, device=x.device).clone()
+        torch.distributed.all_reduce(total)
+        scaled = loss * n / (total / world)
+    opt.zero_grad(set_to_none=True)
+    scaled.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    opt.step()
+    return loss.detach(), gnorm
+
+
+LOG_COLUMNS = ("step", "loss", "grad_norm_median", "grad_norm_max", "lr", "img_s", "val_loss")
+
+
+def train(cfg, callback=None):
+    """Train cfg.objective from scratch or, with --resume, from out_dir/ckpt.pt. Every log
+    interval a row (a dict with the keys LOG_COLUMNS; val_loss where it was measured) goes to
+    out_dir/log.csv and to callback(row). Returns (model in eval mode, tokenizer, validation
+    set) on the main process, None on the others (and bench's figures with --bench)."""
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ (DiT)
     torch.backends.cudnn.allow_tf32 = True
-    device = pick_device(cfg)
-    rank, world, device = setup_distributed(device)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
     master = rank == 0
     torch.manual_seed(cfg.seed)
-    cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-
     train_set, val_set, tok, caps = caption_data(cfg)
-    if master:
-        print(f"tokenizer: {len(tok)} words; " + data.truncation_report(tok, caps, cfg.max_len)[1])
-    model = Model(cfg, len(tok), length_histogram(tok, caps, cfg.max_len)).to(device)
+    model = Model(cfg, len(tok), length_histogram(caps, cfg.max_len)).to(device)
+    model.encoder.requires_grad_(not cfg.freeze_encoder)
     opt = make_optimizer(model, cfg, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    start = 0
-    if cfg.resume:
-        if not os.path.exists(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt["vocab"] != tok.itos:
-            raise SystemExit("--resume: the checkpoint's vocabulary differs from this data's; same --data?")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
-        if master:
-            print(f"resumed from {ckpt_path} at step {start}")
-    n_params = sum(p.numel() for p in model.encoder.parameters())
+    start = resume(ckpt_path, model, opt, tok, device, master) if cfg.resume else 0
     if master:
-        print(f"{cfg.objective} | {cfg.model}: encoder {n_params / 1e6:.2f}M params, "
-              f"total {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | vocab {len(tok)} | "
+        print(f"tokenizer: {len(tok)} words; " + data.truncation_report(caps, cfg.max_len))
+        print(f"{cfg.objective} | {cfg.model}: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M "
+              f"params, total {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | vocab {len(tok)} | "
               f"data {cfg.data} | device {device} x{world}")
     train_model = model
     if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    loss_fn = LOSSES[cfg.objective]
     stream = data.batches(train_set, start, cfg.batch_size, cfg.seed, rank, world, cfg.num_workers, device)
-    per_rank = cfg.batch_size // world
-
-    def step_fn(step, imgs, caps):
-        x = tok.batch(caps, cfg.max_len)[0].to(device, non_blocking=True)
-        imgs = imgs.to(device, non_blocking=True)
-        if cfg.augment:
-            imgs = data.augment(imgs, torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step * world + rank))
-        u, r = draw_noise(cfg, cfg.batch_size, step)
-        u, r = (a[rank * per_rank:(rank + 1) * per_rank].to(device) for a in (u, r))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        with autocast:
-            loss, n = loss_fn(train_model, imgs, x, u, r, cfg)
-        scaled = loss
-        if world > 1:  # DDP averages gradients; rescale so the result is normalised by the global count
-            total = torch.as_tensor(n, dtype=torch.float, device=device).clone()
-            torch.distributed.all_reduce(total)
-            scaled = loss * n / (total / world)
-        opt.zero_grad(set_to_none=True)
-        scaled.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        opt.step()
-        return loss.detach(), gnorm
-
     if cfg.bench:
-        return bench(cfg, model, step_fn, stream, device, master)
+        return bench(cfg, train_model, opt, tok, stream, rank, world)
 
-    recent, norms = [], []  # since the last check; checked together so the GPU is not synced every step
-    log_path = os.path.join(cfg.out_dir, "log.csv")  # one row per log interval, appended on resume
+    log_path = os.path.join(cfg.out_dir, "log.csv")  # appended to on resume
     if master and not (cfg.resume and os.path.exists(log_path)):
         with open(log_path, "w") as f:
-            f.write("step,loss,grad_norm_median,grad_norm_max,lr,img_s\n")
-    bar = tqdm(initial=start, total=cfg.steps, disable=not master, dynamic_ncols=True)
-    t0, seen = time.time(), 0
+            f.write(",".join(LOG_COLUMNS) + "\n")
     end = min(cfg.steps, start + cfg.stop_after) if cfg.stop_after else cfg.steps
+    bar = tqdm(initial=start, total=cfg.steps, disable=None if master else True, dynamic_ncols=True)
+    losses, norms, t0, seen = [], [], time.time(), 0  # losses and norms since the last log row
     for step in range(start, end):
-        imgs, caps = next(stream)
-        loss, gnorm = step_fn(step, imgs, caps)
-        recent.append(loss)
+        imgs, x = device_batch(*next(stream), tok, cfg, step, rank, world)
+        loss, gnorm = train_step(train_model, opt, imgs, x, step, cfg, rank, world)
+        losses.append(loss)
         norms.append(gnorm)
         seen += cfg.batch_size
         bar.update()
-        last = step + 1 == end
-        if (step + 1) % cfg.log_every == 0 or last or (step + 1) % cfg.ckpt_every == 0:
-            vals = torch.stack(recent).float().cpu()
-            bad = (~torch.isfinite(vals)).nonzero()
-            if len(bad):
-                first_bad = step + 2 - len(vals) + int(bad[0])  # counted from 1, like the checkpoint's step
-                raise SystemExit(f"non-finite loss at step {first_bad}; stopping. "
-                                 f"The last good checkpoint is {ckpt_path} (lower --lr, or try --qk_norm / --z_loss)")
-            g = torch.stack(norms).float().cpu()  # gradient norms before clipping: spikes show instability
-            recent, norms = [], []
-            if master:
-                img_s = seen / (time.time() - t0)
-                bar.set_postfix(loss=f"{vals.mean():.4f}", gnorm=f"{g.max():.2f}", img_s=f"{img_s:.0f}",
-                                lr=f"{lr_at(step, cfg):.2e}")
-                with open(log_path, "a") as f:
-                    f.write(f"{step + 1},{vals.mean():.5f},{g.median():.4f},{g.max():.4f},{lr_at(step, cfg):.3e},{img_s:.1f}\n")
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and master:
-            bar.write(f"step {step + 1}: val loss {evaluate(model, cfg, val_set, tok, device, autocast):.4f}")
-        if master and ((step + 1) % cfg.ckpt_every == 0 or last):
-            save_checkpoint(ckpt_path, model, opt, cfg, tok, step + 1)
+        done = step + 1
+        evaluate_now = cfg.eval_every and (done % cfg.eval_every == 0 or done == end)
+        if not (done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or evaluate_now or done == end):
+            continue
+        # checked only here, so the GPU is not synchronised every step
+        vals, g = torch.stack(losses).float().cpu(), torch.stack(norms).float().cpu()
+        losses, norms = [], []
+        if not torch.isfinite(vals).all():
+            first_bad = done - len(vals) + 1 + int((~torch.isfinite(vals)).nonzero()[0])  # counted from 1
+            last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+            raise SystemExit(f"non-finite loss at step {first_bad}; stopping, {last} (lower --lr, or try --qk_norm / --z_loss)")
+        if not master:
+            continue
+        row = dict(step=done, loss=vals.mean().item(), grad_norm_median=g.median().item(), grad_norm_max=g.max().item(),
+                   lr=lr_at(step, cfg), img_s=seen / (time.time() - t0))
+        if evaluate_now:
+            row["val_loss"] = evaluate(model, cfg, val_set, tok)
+            bar.write(f"step {done}: val loss {row['val_loss']:.4f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", gnorm=f"{row['grad_norm_max']:.2f}", img_s=f"{row['img_s']:.0f}",
+                        lr=f"{row['lr']:.2e}")
+        with open(log_path, "a") as f:
+            f.write(",".join("" if k not in row else str(row[k]) if k == "step" else f"{row[k]:.6g}" for k in LOG_COLUMNS) + "\n")
+        if callback:
+            callback(row)
+        if done % cfg.ckpt_every == 0 or done == end:
+            save_checkpoint(ckpt_path, model, opt, cfg, tok, done)
     bar.close()
     if world > 1:
         check_ranks_in_sync(model, master)
@@ -696,7 +822,21 @@ def train(cfg):
         return None
     print(f"trained {end - start} steps in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
     print(f"training data: {train_set.report()}")  # corrupt images are only found as they are decoded
-    return model, tok, val_set, device
+    return model.eval(), tok, val_set
+
+
+def resume(path, model, opt, tok, device, master):
+    """Load model and optimizer state from a checkpoint of the same run; returns its step."""
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if ckpt["vocab"] != tok.itos:
+        raise SystemExit("--resume: the checkpoint's vocabulary differs from this data's; same --data?")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if master:
+        print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"]
 
 
 def check_ranks_in_sync(model, master):
@@ -730,20 +870,25 @@ def matmul_peak(device, n=2048, reps=10):
 GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-def bench(cfg, model, step_fn, stream, device, master):
+def bench(cfg, model, opt, tok, stream, rank=0, world=1):
+    """Median time of train_step (with device_batch, as in the loop) on one batch, images/s and
+    MFU: FLOPs counted by FlopCounterMode (forward + backward) against the card's nominal bf16
+    peak on CUDA, or against a fp32 matmul peak measured now on a CPU."""
     from torch.utils.flop_counter import FlopCounterMode
     imgs, caps = next(stream)
-    with FlopCounterMode(display=False) as fc:  # forward + backward FLOPs of one step
-        step_fn(0, imgs, caps)
+    device = imgs.device
+    step = lambda i: train_step(model, opt, *device_batch(imgs, caps, tok, cfg, i, rank, world), i, cfg, rank, world)
+    with FlopCounterMode(display=False) as fc:
+        step(0)
     flops = fc.get_total_flops()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):  # warm-up (and compilation)
-        step_fn(0, imgs, caps)
+        step(0)
     times = []
     for i in range(cfg.bench_steps):
         sync()
         t = time.perf_counter()
-        step_fn(i, imgs, caps)
+        step(i)
         sync()
         times.append(time.perf_counter() - t)
     dt = float(np.median(times))
@@ -754,13 +899,11 @@ def bench(cfg, model, step_fn, stream, device, master):
     else:
         peak, peak_txt = matmul_peak(device), f"measured fp32 matmul peak, {torch.get_num_threads()} threads"
     B = len(imgs)
-    tokens = B * cfg.max_len
     mfu = flops / dt / peak if peak else float("nan")
-    if master:
+    if rank == 0:
         print(f"bench {cfg.objective} {cfg.model} img {cfg.img_size} batch {B}: median step {dt * 1000:.1f} ms | "
-              f"{B / dt:.1f} img/s | {tokens / dt:.0f} caption tokens/s | {flops / B / 1e9:.2f} GFLOP/img | "
-              f"{flops / dt / 1e12:.3f} TFLOP/s | MFU {100 * mfu:.1f}% of {peak_txt} "
-              f"({(peak or 0) / 1e12:.3f} TFLOP/s)")
+              f"{B / dt:.1f} img/s | {B * cfg.max_len / dt:.0f} caption tokens/s | {flops / B / 1e9:.2f} GFLOP/img | "
+              f"{flops / dt / 1e12:.3f} TFLOP/s | MFU {100 * mfu:.1f}% of {peak_txt} ({(peak or 0) / 1e12:.3f} TFLOP/s)")
         if device.type == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return dict(step_s=dt, img_s=B / dt, flops=flops, mfu=mfu, peak=peak)
@@ -770,14 +913,17 @@ def bench(cfg, model, step_fn, stream, device, master):
 # main: train, then show captions and a quick probe against random initialisation
 
 
-def show_samples(model, cfg, tok, val_set, device, n=6):
+def show_samples(model, cfg, tok, val_set, n=6):
     if cfg.objective not in ("mdc", "ar", "cappa"):
         return
-    imgs, caps = val_set.batch(np.arange(n), 0)
-    x = tok.batch(caps, cfg.max_len)[0]
-    length = (x != PAD).sum(1) if cfg.objective == "mdc" else None
-    out = generate(model, imgs.to(device), cfg.objective, cfg.max_len, cfg.sample_steps, cfg.sample_order,
-                   length=None if length is None else length.to(device), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    imgs, caps = val_set.batch(np.arange(n))
+    imgs = imgs.to(device)
+    if cfg.objective == "mdc":  # the caption length L' of the true caption
+        length = (tok.batch(caps, cfg.max_len) != PAD).sum(1).to(device)
+        out = generate_mdc(model, imgs, length, cfg.sample_steps, cfg.sample_order, torch.Generator().manual_seed(0))
+    else:
+        out = generate_ar(model, imgs, cfg.max_len)
     note = " (mdc: caption length L' taken from the true caption)" if cfg.objective == "mdc" else ""
     print(f"\nsample captions on validation images{note}:")
     for c, o in zip(caps, out):
@@ -789,12 +935,10 @@ def main(argv):
     out = train(cfg)
     if out is None or cfg.bench:
         return
-    model, tok, val_set, device = out
-    model.eval()
-    show_samples(model, cfg, tok, val_set, device)
+    model, tok, val_set = out
+    show_samples(model, cfg, tok, val_set)
     if cfg.probe:
-        import probe
-        probe.quick_compare(model, cfg, device)
+        quick_probe(model, cfg)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Judging a pre-trained image encoder once its decoder is thrown away (DESIGN.md section 6).
+Judging a pre-trained image encoder once its decoder is thrown away.
 
     python probe.py --ckpt=out/mdc.pt --dataset=cifar10
     python probe.py --ckpt=out/mdc.pt --ckpt=out/ar.pt --ckpt=out/clip.pt --ckpt=random --ckpt=pixels
@@ -9,7 +9,7 @@ Every call prints one table, rows = encoders, columns = metrics; `random` (the s
 random initialisation) and `pixels` (raw pixels) are the floors every table should carry.
 - Linear probe on frozen features (mean of the final tokens after the final LayerNorm),
   extracted once and cached on disk: closed-form ridge regression (big_vision's fast few-shot
-  probe) and L2-regularised multinomial logistic regression fitted by L-BFGS, strength chosen
+  probe, `mdc.ridge_probe`, which `python mdc.py` also runs) and L2-regularised multinomial logistic regression fitted by L-BFGS, strength chosen
   on a stratified 10% hold-out and refitted on all of the training set (CLIP's protocol).
 - Zero-shot classification, ARO-style compositionality and image-text retrieval, all by
   scoring captions: mdc by its ELBO (K Monte Carlo draws) or a cheap heuristic, ar/cappa by
@@ -18,8 +18,8 @@ random initialisation) and `pixels` (raw pixels) are the floors every table shou
   lowers the decoder's loss at each position against a mismatched image; and the largest
   attention logit (`--logits`), a stability diagnostic.
 
-Speed: `python probe.py --bench` (the L-BFGS sweep on 50,000 x 384 features, 100 classes); see
-the README for the measured numbers.
+Speed: `python probe.py --bench` times the L-BFGS sweep on 50,000 x 384 features, 100 classes
+(RESULTS.md has the measured figures). Imports run one way: probe -> mdc -> data.
 """
 import argparse
 import hashlib
@@ -28,7 +28,6 @@ import os
 import re
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import numpy as np
@@ -37,47 +36,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import mdc
 from data import MASK, PAD
+from mdc import accuracies, extract, random_encoder, ridge_probe, standardize, stratified_holdout, topk
 
 # -----------------------------------------------------------------------------
 # Features: frozen encoder -> (N, D), extracted once, cached on disk
 
 
-def dataset_tensors(ds):
-    """(images, labels) of a probe dataset without a per-item Python loop where possible:
-    images uint8 or float (N, 3, S, S), labels int64 (N,)."""
-    if hasattr(ds, "x"):                                   # data.ImageLabels (uint8)
-        return ds.x, ds.y
-    if isinstance(ds, torch.utils.data.TensorDataset):     # the synthetic probe (float)
-        return ds.tensors
-    xs, ys = zip(*[ds[i] for i in range(len(ds))])
-    return torch.stack(xs), torch.as_tensor(ys)
-
-
-def to_float(imgs, size):
-    """uint8 or float (B, 3, S, S) -> float in [0, 1] at the encoder's input size."""
-    imgs = data.to_float(imgs).float()
-    if imgs.shape[-1] != size:
-        imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return imgs
-
-
-@torch.no_grad()
-def extract(featurize, ds, size, device, batch_size=256, desc="features"):
-    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a dataset, with a progress bar.
-    Returns (features float32 (N, D) on the CPU, labels (N,))."""
-    imgs, labels = dataset_tensors(ds)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    out = []
-    for i in tqdm(range(0, len(imgs), batch_size), desc=desc, leave=False, disable=len(imgs) < 4 * batch_size):
-        with autocast:
-            out.append(featurize(to_float(imgs[i:i + batch_size], size).to(device)).float().cpu())
-    return torch.cat(out), labels.long()
-
-
 def cache_key(**parts):
     """A file name from everything that changes the features: which encoder (a checkpoint's path,
-    size and mtime, or a random init's config and seed), dataset, split, size, pooling, subset."""
+    size and mtime, or a random init's config and seed), dataset, split, size, subset."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -95,80 +64,10 @@ def cached_features(key, compute, cache_dir):
     return x, y
 
 
-def pooled(encoder, pool):
-    """The probe's features: mean of the final tokens. The ViT here has no [CLS] token."""
-    if pool != "mean":
-        raise SystemExit(f"--pool={pool}: this ViT has no [CLS] token (mdc.ViT mean-pools); use --pool=mean")
-    return encoder.features
-
-
 # -----------------------------------------------------------------------------
-# Linear probes on fixed features: closed-form ridge, and L-BFGS logistic regression.
+# Linear probes on fixed features: closed-form ridge (in mdc.py), and L-BFGS logistic regression.
 # Regularisation strengths are per sample: ridge minimises mean ||XW - Y||^2 + lam ||W||^2,
 # logistic regression mean CE + lam ||W||^2 (sklearn's C = 1 / (2 N lam)); biases are free.
-
-
-def standardize(xtr, *others):
-    """Zero mean, unit variance with the training set's statistics (fitted on train only)."""
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    return [(x - mu) / sd for x in (xtr, *others)]
-
-
-def stratified_holdout(y, frac=0.1, seed=0):
-    """Indices (fit, hold-out) with frac of every class held out (at least one per class)."""
-    g = torch.Generator().manual_seed(seed)
-    fit, hold = [], []
-    for c in y.unique():
-        idx = (y == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n = max(1, round(frac * len(idx))) if len(idx) > 1 else 0
-        hold.append(idx[:n])
-        fit.append(idx[n:])
-    return torch.cat(fit).sort().values, torch.cat(hold).sort().values
-
-
-def topk(logits, y, k=1):
-    """Fraction of rows whose label is among the k highest logits."""
-    k = min(k, logits.shape[1])
-    return (logits.topk(k, 1).indices == y[:, None].to(logits.device)).any(1).float().mean().item()
-
-
-def accuracies(prefix, logits, y, n_classes):
-    out = {f"{prefix} top1": topk(logits, y, 1)}
-    if n_classes >= 20:  # top-5 means little with few classes
-        out[f"{prefix} top5"] = topk(logits, y, 5)
-    return out
-
-
-RIDGE_GRID = [10.0 ** e for e in np.arange(-7, 4.01, 0.5)]
-
-
-def ridge_fit(x, y, n_classes):
-    """Closed-form ridge for every lam at once: one eigendecomposition of X^T X; then
-    W(lam) = Q diag(1 / (e + N lam)) Q^T X^T Y is one small matmul per lam (big_vision few-shot).
-    x: standardised (N, D). Returns solve(lam) -> (W (D, C), bias (C,))."""
-    x = x.double()
-    Y = F.one_hot(y, n_classes).double()
-    ybar = Y.mean(0)                                        # the free bias: x is centred
-    e, Q = torch.linalg.eigh(x.T @ x)                       # (D,), (D, D)
-    QtXtY = Q.T @ (x.T @ (Y - ybar))                        # (D, C)
-    e = e.clamp(min=0)
-    return lambda lam: (Q @ (QtXtY / (e + len(x) * lam)[:, None]), ybar)
-
-
-def ridge_probe(xtr, ytr, xte, yte, n_classes, grid=RIDGE_GRID, seed=0, log=print):
-    """Pick lam on a stratified 10% hold-out of the training set, refit on all, test once."""
-    xtr, xte = standardize(xtr, xte)
-    fit, hold = stratified_holdout(ytr, 0.1, seed)
-    solve = ridge_fit(xtr[fit], ytr[fit], n_classes)
-    xh = xtr[hold].double()
-    accs = [topk(xh @ W + b, ytr[hold]) for W, b in map(solve, grid)]
-    best = max(range(len(grid)), key=lambda i: (accs[i], i))  # ties -> the stronger regularisation
-    lam = grid[best]
-    if best in (0, len(grid) - 1):
-        log(f"ridge: best lam {lam:.0e} is on the edge of the grid {grid[0]:.0e}..{grid[-1]:.0e}")
-    W, b = ridge_fit(xtr, ytr, n_classes)(lam)
-    return {**accuracies("ridge", xte.double() @ W + b, yte, n_classes), "ridge lambda": float(lam)}
 
 
 def logreg_fit(x, xt, y, lam, P, max_iter=100, tol=1e-7):
@@ -262,20 +161,18 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
     """How well each candidate caption fits its image, higher = better.
     imgs: (B, 3, S, S) in [0, 1]; cands: B lists of C strings (candidates for image b).
     rule: elbo | pll | all (mdc), exact (ar, cappa), cos (clip, siglip). Returns (B, C)."""
-    import mdc
     device = next(model.parameters()).device
     B, C = len(cands), len(cands[0])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     out = torch.empty(B, C)
     for i in range(0, B, batch_size):
-        with autocast:
-            v = model.encoder(to_float(imgs[i:i + batch_size], cfg.img_size).to(device))  # (b, N, D), once per image
+        with mdc.autocast(device):
+            v = model.encoder(data.to_input(imgs[i:i + batch_size], cfg.img_size).to(device))  # (b, N, D), once per image
         b = len(v)
-        x = tok.batch([c for cs in cands[i:i + b] for c in cs], cfg.max_len)[0].view(b, C, -1)  # (b, C, L)
+        x = tok.batch([c for cs in cands[i:i + b] for c in cs], cfg.max_len).view(b, C, -1)  # (b, C, L)
         x = x[..., :int((x != PAD).sum(-1).max())].to(device)  # trailing all-pad columns change no score
         for c in range(C):
             xc = x[:, c]                                         # (b, L)
-            with autocast:
+            with mdc.autocast(device):
                 if rule == "cos":
                     img, txt = model.embed(v, xc, xc != PAD)
                     s = (img.float() * txt.float()).sum(-1)
@@ -286,11 +183,6 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
                     s = mdc.caption_logprob(model, v, xc, cfg.objective, "elbo" if rule == "exact" else rule, K, g, cfg.t_min)
             out[i:i + b, c] = s.float().cpu()
     return out
-
-
-def rules_of(cfg):
-    """The scoring rules of an objective; the functions below take rules=... to run fewer."""
-    return RULES[cfg.objective]
 
 
 # -----------------------------------------------------------------------------
@@ -338,18 +230,18 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=No
     kind, _, task = spec.partition(":")
     if kind == "shapes":
         cands, labels = shapes_zeroshot(task or "shape", n, seed)
-        imgs = dataset_tensors(ds)[0][:n]
-        assert torch.equal(labels, dataset_tensors(ds)[1][:n]), "data.shapes_probe changed; update shapes_zeroshot"
+        imgs = data.dataset_tensors(ds)[0][:n]
+        assert torch.equal(labels, data.dataset_tensors(ds)[1][:n]), "data.shapes_probe changed; update shapes_zeroshot"
     else:
         names = class_names(ds)
         if names is None:
             return None
-        imgs, labels = dataset_tensors(ds)
+        imgs, labels = data.dataset_tensors(ds)
         pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]  # a seeded subset
         imgs, labels = imgs[pick], labels[pick]
         cands = [[t.format(c) for c in names for t in TEMPLATES]] * len(labels)
     out = {}
-    for rule in rules or rules_of(cfg):
+    for rule in rules or RULES[cfg.objective]:
         s = score_captions(model, cfg, tok, imgs, cands, rule, K, batch_size, seed)   # (B, C * templates)
         s = s.view(len(labels), -1, len(TEMPLATES) if kind != "shapes" else 1).mean(-1)  # average templates
         out[rule] = (s.argmax(1) == labels).float().mean().item()
@@ -440,7 +332,7 @@ def compositional(model, cfg, tok, imgs, caps, synthetic=True, K=8, seed=0, batc
             continue
         pairs = [[caps[i], bad[i][name]] for i in keep]
         out[name] = {}
-        for rule in rules or rules_of(cfg):
+        for rule in rules or RULES[cfg.objective]:
             s = score_captions(model, cfg, tok, imgs[keep], pairs, rule, K, batch_size, seed)  # (B, 2)
             out[name][rule] = ((s[:, 0] > s[:, 1]).float() + 0.5 * (s[:, 0] == s[:, 1]).float()).mean().item()
     return out
@@ -463,7 +355,7 @@ def retrieval(model, cfg, tok, imgs, caps, K=8, seed=0, batch_size=128, rules=No
     across captions it favours short ones, so their image->text numbers carry a length bias."""
     N = len(caps)
     out = {}
-    for rule in rules or rules_of(cfg):
+    for rule in rules or RULES[cfg.objective]:
         S = score_captions(model, cfg, tok, imgs, [caps] * N, rule, K, batch_size, seed)  # (N images, N captions)
         true = S.diagonal()
         # rank of the true partner: how many others score at least as high (ties count against)
@@ -486,7 +378,6 @@ def signal_terms(model, cfg, imgs, x, t=None, K=4, generator=None):
     ar/cappa: teacher-forced causal CE at every real position. mdc: masked CE under K random masks
     at ratio t (a number, or t ~ U(t_min, 1) per caption as in training), counted where masked.
     Returns (diff (B, L), count (B, L))."""
-    import mdc
     v = model.encoder(imgs)                                  # (B, N, D)
     v_wrong = v.roll(1, 0)                                   # every caption gets another image
     real = x != PAD
@@ -500,8 +391,7 @@ def signal_terms(model, cfg, imgs, x, t=None, K=4, generator=None):
     diff, count = torch.zeros(B, L, device=x.device), torch.zeros(B, L, device=x.device)
     for _ in range(K):
         tt = torch.full((B,), float(t)) if t is not None else mdc.sample_t(torch.rand(B, generator=generator), cfg.t_min)
-        m = (torch.rand(B, L, generator=generator) < tt[:, None]).to(x.device) & real  # (B, L) masked
-        inp = torch.where(m, MASK, x)                        # the same mask for both images
+        inp, m = mdc.corrupt(x, tt.to(x.device), torch.rand(B, L, generator=generator).to(x.device))  # the same mask for both images
         ce = lambda vv: mdc.token_ce(model.decode(inp, vv, real).float(), x)
         diff += (ce(v_wrong) - ce(v)) * m
         count += m
@@ -528,15 +418,15 @@ def caption_signal(model, cfg, tok, val, n, K=4, seed=0, batch_size=128):
     """signal_terms over the first n validation pairs -> {"signal early"/"middle"/"late": nats,
     "signal per position": [nats or None, ...]} (the t of mdc drawn as in training)."""
     device = next(model.parameters()).device
-    imgs, caps = val.batch(np.arange(n), 0)
-    x = tok.batch(caps, cfg.max_len)[0]                      # (n, L)
+    imgs, caps = val.batch(np.arange(n))
+    x = tok.batch(caps, cfg.max_len)                         # (n, L)
     g = torch.Generator().manual_seed(seed)
     diff, count = torch.zeros(x.shape), torch.zeros(x.shape)
     starts = list(range(0, n, batch_size))
     if len(starts) > 1 and n - starts[-1] == 1:  # a batch of one would be "mismatched" with itself
         starts.pop()
     for i, j in zip(starts, starts[1:] + [n]):
-        d, c = signal_terms(model, cfg, to_float(imgs[i:j], cfg.img_size).to(device), x[i:j].to(device), None, K, g)
+        d, c = signal_terms(model, cfg, data.to_input(imgs[i:j], cfg.img_size).to(device), x[i:j].to(device), None, K, g)
         diff[i:j], count[i:j] = d.float().cpu(), c.float().cpu()
     per_pos = diff.sum(0) / count.sum(0)                     # (L,)
     early, middle, late = [None if v != v else v for v in signal_thirds(diff, count, x)]  # nan -> None for JSON
@@ -550,7 +440,6 @@ def attention_logit_max(model, cfg, imgs, x):
     on one batch (pads included): {"enc logit max": ., "text logit max": .}. Logits that grow
     without bound make training spike and diverge (ViT-22B, Dehghani et al. 2023); --qk_norm
     bounds them. imgs (B, 3, S, S), x (B, L)."""
-    import mdc
     peak = {"enc logit max": 0.0, "text logit max": 0.0}
 
     def hook_for(key):
@@ -568,7 +457,7 @@ def attention_logit_max(model, cfg, imgs, x):
         if cfg.objective in ("clip", "siglip"):
             model.embed(v, x, real)
         else:                                                # the decoder's input in training
-            inp = mdc.shift_right(x) if cfg.objective in ("ar", "cappa") else torch.where(real, MASK, x)
+            inp = mdc.shift_right(x) if cfg.objective in ("ar", "cappa") else mdc.corrupt(x, 1.0, torch.zeros(x.shape, device=x.device))[0]
             model.decode(inp, v, real, causal=cfg.objective in ("ar", "cappa"))
     finally:
         for h in hooks:
@@ -607,19 +496,9 @@ def plot_signal(results, path):
 # The encoders of one call: checkpoints, a random init of the same ViT, raw pixels
 
 
-def random_encoder(cfg, seed, device):
-    """The floor: the same ViT at its (seeded) random initialisation, in eval mode."""
-    import mdc
-    torch.manual_seed(seed)
-    enc = mdc.ViT(cfg)
-    enc.apply(mdc.Model._init)
-    return enc.to(device).eval()
-
-
 def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
-    """--ckpt values -> list of dicts (name, kind, cfg, model, tok, encoder, key). A checkpoint
+    """--ckpt values -> list of dicts (name, kind, cfg, encoder, key; a checkpoint also model, tok, step). A checkpoint
     keeps its decoder for scoring; 'random' copies the first checkpoint's config (else the preset)."""
-    import mdc
     encs, ref = [], None
     for s in specs:
         if s in ("random", "pixels"):
@@ -640,8 +519,9 @@ def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
     return encs
 
 
-def probe_features(enc, split, args, device, datasets, log=print):
-    """(features (N, D), labels (N,), n_classes) of one encoder on one split, cached."""
+def probe_features(enc, split, args, device, datasets):
+    """(features (N, D), labels (N,), dataset()) of one encoder on one split, the features cached;
+    dataset() loads the probe dataset at the encoder's size once (kept in `datasets`)."""
     size = enc["cfg"].img_size
     if enc["kind"] == "pixels":  # raw pixels, at most --pixel_size (150k values at 224 px is too many)
         size = min(size, args.pixel_size)
@@ -655,12 +535,11 @@ def probe_features(enc, split, args, device, datasets, log=print):
         return datasets[k]
 
     if enc["kind"] == "pixels":
-        x, y = dataset_tensors(ds())
-        x, y = to_float(x, size).flatten(1), y.long()     # (N, 3 * S * S)
+        x, y = data.dataset_tensors(ds())
+        x, y = data.to_input(x, size).flatten(1), y.long()     # (N, 3 * S * S)
     else:
-        fn = pooled(enc["encoder"], args.pool)
-        key = cache_key(encoder=enc["key"], pool=args.pool, **ds_args)
-        x, y = cached_features(key, lambda: extract(fn, ds(), size, device, args.batch_size,
+        key = cache_key(encoder=enc["key"], **ds_args)
+        x, y = cached_features(key, lambda: extract(enc["encoder"].features, ds(), size, device, args.batch_size,
                                                     f"{enc['name']} {split}"), args.cache_dir)
     return x, y, ds
 
@@ -723,32 +602,6 @@ def machine():
 
 
 # -----------------------------------------------------------------------------
-# The probe that `python mdc.py` runs at the end of training
-
-
-def quick_compare(model, cfg, device):
-    """Linear probe on cfg.probe of the trained encoder, the same ViT at random initialisation
-    (seeded) and raw pixels, with the closed-form ridge fitter: the L-BFGS sweep on 3,072 raw
-    pixels alone took minutes on 2 shared cores, too slow for the end of a demo. Returns
-    {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
-    t0 = time.perf_counter()
-    device = torch.device(device)
-    tr = data.probe_dataset(cfg.probe, "train", cfg.img_size, seed=cfg.seed)
-    te = data.probe_dataset(cfg.probe, "test", cfg.img_size, seed=cfg.seed)
-    rand = random_encoder(cfg, cfg.seed + 1, device)
-    flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
-    out = {}
-    for name, fn in (("trained", model.encoder.features), ("random init", rand.features), ("pixels", flat)):
-        a = extract(fn, tr, cfg.img_size, device)
-        b = extract(fn, te, cfg.img_size, device)
-        out[name] = ridge_probe(*a, *b, tr.n_classes, log=lambda s: None)["ridge top1"]
-    print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
-          f"L2 chosen on a 10% hold-out; {time.perf_counter() - t0:.0f} s; probe.py has L-BFGS too): "
-          + " | ".join(f"{k} {100 * v:.1f}%" for k, v in out.items()))
-    return out
-
-
-# -----------------------------------------------------------------------------
 # Benchmark and command line
 
 
@@ -781,7 +634,6 @@ def parse(argv):
     p.add_argument("--model", default="tiny", help="preset for 'random' when no checkpoint is given")
     p.add_argument("--img_size", type=int, default=0, help="input size for 'random'/'pixels' when no checkpoint is given")
     p.add_argument("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
-    p.add_argument("--pool", default="mean", choices=["mean", "cls"])
     p.add_argument("--fitter", default="both", choices=["both", "ridge", "lbfgs"])
     p.add_argument("--zeroshot", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compositional", action=argparse.BooleanOptionalAction, default=None)
@@ -810,7 +662,7 @@ def parse(argv):
 
 def main(argv):
     args = parse(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = mdc.pick_device(args.device)
     if args.bench:
         return bench(device=device)
     if not args.ckpt:
@@ -854,8 +706,8 @@ def main(argv):
                     m.update(retrieval(model, cfg, tok, imgs, caps, args.K, args.seed, args.batch_size, rules))
                 if args.logits:
                     imgs, caps = val.batch(np.arange(min(args.n_eval, 256)), 0)
-                    m.update(attention_logit_max(model, cfg, to_float(imgs, cfg.img_size).to(device),
-                                                 tok.batch(caps, cfg.max_len)[0].to(device)))
+                    m.update(attention_logit_max(model, cfg, data.to_input(imgs, cfg.img_size).to(device),
+                                                 tok.batch(caps, cfg.max_len).to(device)))
                 if do_sig and cfg.objective in ("mdc", "ar", "cappa"):
                     m.update(caption_signal(model, cfg, tok, val, args.n_eval, args.K, args.seed, args.batch_size))
         log(f"done in {time.perf_counter() - t0:.0f} s")
