@@ -34,6 +34,24 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
+# Mistakes at the command line: one line and exit status 2, never a traceback
+
+
+class UsageError(Exception):
+    """A mistake in a flag or in a path the user gave, not a bug. The command lines of mdc.py,
+    probe.py and data.py print it as one line and exit with status 2; tracebacks are for bugs."""
+
+
+def command_line(main, argv, prog):
+    """Run main(argv) as a command: a UsageError becomes `prog: error: ...` on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# -----------------------------------------------------------------------------
 # Tokenizer: word level, built from the training captions
 
 SPECIALS = ["[PAD]", "[MASK]", "[BOS]", "[EOS]", "[UNK]"]
@@ -465,14 +483,14 @@ def _read_table(path, image_col, caption_col):
         else:
             recs = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
     if recs and (image_col not in recs[0] or caption_col not in recs[0]):
-        raise ValueError(f"{path}: expected columns {image_col!r} and {caption_col!r} "
+        raise UsageError(f"{path}: expected columns {image_col!r} and {caption_col!r} "
                          f"(set them with --image_col / --caption_col), found {list(recs[0])}")
     return [(r[image_col], r[caption_col]) for r in recs]
 
 
 def _need(path, what):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: expected {what}")
+        raise UsageError(f"{path} not found: expected {what}")
 
 
 def load_flickr(root, val_frac=0.05, **kw):
@@ -489,7 +507,7 @@ def load_csv(path, image_col="image", caption_col="caption", val_frac=0.05, **kw
     """A .csv / .tsv / .jsonl of (image path, caption); paths relative to the file's folder."""
     _need(path, "a .csv, .tsv or .jsonl file of (image path, caption) rows")
     if not path.endswith((".csv", ".tsv", ".jsonl")):
-        raise ValueError(f"{path}: expected a .csv, .tsv or .jsonl file")
+        raise UsageError(f"{path}: expected a .csv, .tsv or .jsonl file")
     base = os.path.dirname(os.path.abspath(path))
     rows = [(os.path.join(base, im), im, cap) for im, cap in _read_table(path, image_col, caption_col)]
     return _split(*_group(rows, "csv", _Files()), val_frac, **kw)
@@ -528,7 +546,7 @@ def load_wds(spec, val_frac=0.05, **kw):
     on are reproducible and each DDP rank / DataLoader worker reads only the samples it uses."""
     shards = sorted(glob.glob(os.path.join(spec, "*.tar"))) if os.path.isdir(spec) else sorted(glob.glob(spec))
     if not shards:
-        raise FileNotFoundError(f"no shards at {spec}: expected a folder of *.tar (or a glob like DIR/0*.tar) "
+        raise UsageError(f"no shards at {spec}: expected a folder of *.tar (or a glob like DIR/0*.tar) "
                                 f"holding KEY.jpg + KEY.txt, as written by img2dataset")
     rows = []
     for shard in tqdm(shards, desc="indexing shards", disable=len(shards) < 10):
@@ -559,7 +577,7 @@ def prepare(spec, size, out, workers=None, **kw):
     """Decode every image of a caption source once at size x size into OUT/images.u8
     (uint8 memmap (N, S, S, 3), train images first), OUT/captions.json and OUT/manifest.json."""
     if spec.partition(":")[0] in ("shapes", "cache"):
-        raise ValueError(f"prepare reads an image source (coco:, flickr:, csv:, wds:), not {spec}")
+        raise UsageError(f"prepare reads an image source (coco:, flickr:, csv:, wds:), not {spec}")
     train, val = build_caption_data(spec, img_size=size, **kw)
     os.makedirs(out, exist_ok=True)
     srcs = train.srcs + val.srcs
@@ -648,6 +666,7 @@ def augment(imgs, generator=None, mode="bilinear"):
 # Choosing a dataset by name, and the stream of training batches
 
 CAPTION_KINDS = "shapes, coco:ROOT, flickr:ROOT, csv:FILE (.csv/.tsv/.jsonl), wds:DIR_OR_GLOB, cache:DIR"
+CAPTION_KINDS_LIST = ("shapes", "coco", "flickr", "csv", "wds", "cache")
 
 
 def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col="image", caption_col="caption", val_frac=0.05):
@@ -661,7 +680,7 @@ def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col=
         return Shapes(seed, img_size, "train"), Shapes(seed, img_size, "val")
     kw = dict(img_size=img_size, seed=seed, all_captions=all_captions)
     if kind in ("coco", "flickr", "csv", "wds") and not path:
-        raise ValueError(f"--data={spec}: expected {kind}:PATH")
+        raise UsageError(f"--data={spec}: expected {kind}:PATH")
     if kind == "coco":
         train, val = load_coco(path, val_frac, **kw)
     elif kind == "flickr":
@@ -673,9 +692,9 @@ def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col=
     elif kind == "cache":
         train, val = Cached(path, "train", **kw), Cached(path, "val", **kw)
     else:
-        raise ValueError(f"unknown dataset kind {kind!r} in --data={spec}; expected one of: {CAPTION_KINDS}")
+        raise UsageError(f"unknown dataset kind {kind!r} in --data={spec}; expected one of: {CAPTION_KINDS}")
     if len(train) == 0:
-        raise ValueError(f"--data={spec}: no usable training pairs ({train.report()})")
+        raise UsageError(f"--data={spec}: no usable training pairs ({train.report()})")
     print(f"data: {len(train.captions):,} train / {len(val.captions):,} val images; {train.report()}")
     return train, val
 
@@ -771,15 +790,20 @@ def _resize_u8(x, img_size):  # uint8 (N, 3, S, S) -> uint8 (N, 3, img_size, img
     return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _cifar(kind, split, img_size, data_root):
+def _torchvision_cifar(kind, split, data_root):
     import torchvision
     cls, folder = {"cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
                    "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python")}[kind]
     try:
-        ds = cls(data_root, train=split == "train", download=True)
+        return cls(data_root, train=split == "train", download=True)
     except Exception as e:  # offline: urllib raises, deep inside torchvision
-        raise RuntimeError(f"could not download {kind} into {os.path.abspath(data_root)} ({e}); "
-                           f"put the extracted {folder}/ folder there (or set --data_root)") from e
+        why = (str(e).splitlines() or [""])[0]
+        raise UsageError(f"could not download {kind} into {os.path.abspath(data_root)} ({type(e).__name__}: {why}); "
+                         f"put the extracted {folder}/ folder there (or set --data_root)") from e
+
+
+def _cifar(kind, split, img_size, data_root):
+    ds = _torchvision_cifar(kind, split, data_root)
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (N, 3, 32, 32) uint8
     out = ImageLabels(_resize_u8(x, img_size), torch.tensor(ds.targets), len(ds.classes), kind)
     out.classes = list(ds.classes)  # class names, for zero-shot prompts
@@ -797,10 +821,11 @@ def _imagefolder(root, split, img_size, seed, classes, per_class):
     if isinstance(classes, str) and classes.strip().isdigit():  # "100" from a command line is a count
         classes = int(classes)
     if isinstance(classes, str) and classes:
+        _need(classes, "--classes: a number of classes, or a file of class folder names (wnids), one a line")
         with open(classes) as f:  # a file listing wnids, one a line (ImageNet-100 style)
             wanted = [w.strip() for w in f if w.strip()]
         if missing := sorted(set(wanted) - set(names)):
-            raise ValueError(f"{classes}: {len(missing)} classes not in {root}/train, e.g. {missing[:3]}")
+            raise UsageError(f"{classes}: {len(missing)} classes not in {root}/train, e.g. {missing[:3]}")
         names = sorted(wanted)
     elif int(classes or 0) > 0 and int(classes) < len(names):  # a seeded subset of the sorted class names
         names = sorted(np.random.default_rng(seed).choice(names, int(classes), replace=False).tolist())
@@ -812,7 +837,7 @@ def _imagefolder(root, split, img_size, seed, classes, per_class):
         files += [os.path.join(d, f) for f in fs]
         labels += [y] * len(fs)
     if not files:
-        raise FileNotFoundError(f"no images under {root}/{sub}: expected {what}")
+        raise UsageError(f"no images under {root}/{sub}: expected {what}")
     with Pool(min(os.cpu_count(), 8)) as pool:
         xs = list(tqdm(pool.imap(_load_sized, [(f, img_size) for f in files], chunksize=256),
                        total=len(files), desc=f"{os.path.basename(os.path.normpath(root))}/{sub}", disable=len(files) < 5000))
@@ -823,6 +848,27 @@ def _imagefolder(root, split, img_size, seed, classes, per_class):
     ds = ImageLabels(x, torch.tensor([labels[i] for i in keep]), len(names), f"imagefolder:{root}")
     ds.classes = names
     return ds
+
+
+PROBE_KINDS = "shapes[:TASK], cifar10, cifar100, imagefolder:ROOT or imagenet:ROOT"
+
+
+def check_probe(spec, data_root="data"):
+    """Fail before any training if a probe dataset cannot be had: a known spec and task; CIFAR's
+    folder present or downloadable; an ImageFolder tree's train/ and val/ (or test/) there."""
+    kind, _, arg = spec.partition(":")
+    if kind == "shapes":
+        if (arg or "shape") not in PROBE_TASKS:
+            raise UsageError(f"unknown synthetic probe task {arg!r} in {spec!r}; expected one of {list(PROBE_TASKS)}")
+    elif kind in ("cifar10", "cifar100"):
+        _torchvision_cifar(kind, "test", data_root)
+    elif kind in ("imagefolder", "imagenet"):
+        what = "ROOT/train/<class>/*.jpg and ROOT/val/<class>/ (or ROOT/test/), an ImageFolder tree"
+        _need(os.path.join(arg, "train"), what)
+        if not any(os.path.isdir(os.path.join(arg, s)) for s in ("val", "test")):
+            raise UsageError(f"{arg} has no val/ or test/ folder: expected {what}")
+    else:
+        raise UsageError(f"unknown probe dataset {spec!r}; expected {PROBE_KINDS}")
 
 
 def probe_dataset(spec, split, img_size=32, data_root="data", seed=0, classes=0, per_class=0):
@@ -836,7 +882,7 @@ def probe_dataset(spec, split, img_size=32, data_root="data", seed=0, classes=0,
     if kind == "shapes":
         task = arg or "shape"
         if task not in PROBE_TASKS:
-            raise ValueError(f"unknown synthetic probe task {task!r}; expected one of {list(PROBE_TASKS)}")
+            raise UsageError(f"unknown synthetic probe task {task!r}; expected one of {list(PROBE_TASKS)}")
         xtr, ytr, xte, yte, n_classes = shapes_probe(task, img_size=img_size, seed=seed)
         ds = torch.utils.data.TensorDataset(*((xtr, ytr) if split == "train" else (xte, yte)))
         ds.n_classes, ds.name = n_classes, f"shapes:{task}"
@@ -845,7 +891,7 @@ def probe_dataset(spec, split, img_size=32, data_root="data", seed=0, classes=0,
         return _cifar(kind, split, img_size, data_root)
     if kind in ("imagefolder", "imagenet"):
         return _imagefolder(arg, split, img_size, seed, classes, per_class)
-    raise ValueError(f"unknown probe dataset {spec!r}; expected shapes[:TASK], cifar10, cifar100, imagefolder:ROOT or imagenet:ROOT")
+    raise UsageError(f"unknown probe dataset {spec!r}; expected {PROBE_KINDS}")
 
 
 # -----------------------------------------------------------------------------
@@ -880,24 +926,37 @@ def bench(spec, size, cache, batch_size=256, workers=2, n_batches=30, **kw):
     for m, r in aug.items():
         print(f"(b) cache + augment ({m + ') on the CPU:':<21}  {r:8,.0f} images/s  {r / jpeg:5.1f}x")
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="prepare a uint8 image cache, or benchmark data loading")
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UsageError: one line, exit status 2 (argparse prints its usage too)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (--help lists the flags)")
+
+
+def main(argv):
+    p = ArgumentParser(prog="data.py", description="prepare a uint8 image cache, or benchmark data loading")
     p.add_argument("command", choices=["prepare", "bench"])
     p.add_argument("--data", required=True, help=CAPTION_KINDS)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--out", help="prepare: the cache folder to write; bench: where the cache is (made if absent)")
+    p.add_argument("--out", required=True, help="prepare: the cache folder to write; bench: where the cache is (made if absent)")
     p.add_argument("--image_col", default="image")
     p.add_argument("--caption_col", default="caption")
     p.add_argument("--val_frac", type=float, default=0.05)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="bench: torch threads in the main process (0: torch's default)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    for name, ok in (("--size", a.size >= 1), ("--val_frac", 0 <= a.val_frac < 1),
+                     ("--workers", a.workers is None or a.workers >= 1), ("--threads", a.threads >= 0)):
+        if not ok:
+            p.error(f"{name}={getattr(a, name[2:])} is out of range")
     if a.threads:
         torch.set_num_threads(a.threads)
-    if not a.out:
-        p.error("--out=DIR is required")
     kw = dict(image_col=a.image_col, caption_col=a.caption_col, val_frac=a.val_frac)
     if a.command == "prepare":
         prepare(a.data, a.size, a.out, workers=a.workers, **kw)
     else:
         bench(a.data, a.size, a.out, workers=a.workers or 2, **kw)
+
+
+if __name__ == "__main__":
+    command_line(main, sys.argv[1:], "data.py")

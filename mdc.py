@@ -15,8 +15,10 @@ captioning), `cappa` (CapPa's parallel prediction) and `clip`/`siglip`
     torchrun --nproc_per_node=2 mdc.py  # DDP (nccl on CUDA, gloo on CPU)
 """
 import difflib
+import inspect
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -42,24 +44,24 @@ class Config:
     objective: str = "mdc"      # mdc | ar | cappa | clip | siglip
     model: str = "tiny"         # size preset (PRESETS below); explicit flags override it
     data: str = "shapes"        # shapes | coco:ROOT | flickr:ROOT | csv:FILE | wds:DIR | cache:DIR
-    image_col: str = "image"    # column names for --data=csv:FILE
-    caption_col: str = "caption"
+    image_col: str = "image"    # --data=csv:FILE: the image path column
+    caption_col: str = "caption"  # --data=csv:FILE: the caption column
     all_captions: bool = False  # iterate every (image, caption) pair instead of one caption per image per epoch
     val_frac: float = 0.05      # images held out for validation where the data has no split of its own
     augment: bool = False       # random resized crop + flip on the device (real data)
     num_workers: int = 0        # DataLoader workers for image decoding (real data)
     # encoder (ViT) and decoder sizes
-    img_size: int = 32
-    patch_size: int = 4
+    img_size: int = 32          # input images are img_size x img_size pixels
+    patch_size: int = 4         # ViT patches of patch_size x patch_size pixels
     width: int = 128            # encoder and decoder width (CapPa uses one width for both)
-    enc_depth: int = 4
-    dec_depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
+    enc_depth: int = 4          # ViT blocks
+    dec_depth: int = 2          # text transformer blocks (decoder, or CLIP text encoder)
+    heads: int = 4              # attention heads (encoder and decoder)
+    mlp_ratio: float = 4.0      # MLP hidden width / width
     max_len: int = 24           # caption tokens including [EOS]
     vocab_min_count: int = 1    # words seen fewer times become [UNK]
     # objective knobs
-    t_min: float = 0.5          # mdc: t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (why 0.5: mdc_loss)
+    t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (why 0.5: RESULTS.md)
     mdc_weight: str = "elbo"    # mdc: elbo = 1/t-weighted masked CE over real tokens; none = mean masked CE
     antithetic: bool = True     # mdc: low-discrepancy t across the batch (MDLM), lowers loss variance
     cappa_frac: float = 0.75    # cappa: fraction of examples with all tokens masked (parallel prediction)
@@ -68,28 +70,29 @@ class Config:
     z_loss: float = 0.0         # weight of log(Z)^2 on the decoder's logits (stability, PaLM)
     # optimisation
     batch_size: int = 128       # global batch, split across DDP processes
-    steps: int = 800
-    lr: float = 2e-3
+    steps: int = 800            # optimisation steps (the cosine schedule ends here)
+    lr: float = 2e-3            # peak learning rate (AdamW)
     warmup: float = 0.05        # fraction of steps with linear warm-up, then cosine to 0
-    weight_decay: float = 0.05
-    beta2: float = 0.95
+    weight_decay: float = 0.05  # AdamW decay, not on norms, biases and embeddings
+    beta2: float = 0.95         # AdamW second-moment decay
     grad_clip: float = 1.0      # max gradient norm; 0 = no clipping (the norm is still logged)
     # evaluation, logging, checkpoints
     eval_every: int = 400       # validation loss every so many steps (0 = never)
     ckpt_every: int = 400       # checkpoint every so many steps (always at the end)
-    log_every: int = 50
+    log_every: int = 50         # a row of out_dir/log.csv every so many steps
     sample_steps: int = 0       # mdc generation: denoising steps (0 = one token per step)
     sample_order: str = "confidence"  # mdc generation: confidence (MaskGIT) | random (MDLM ancestral)
     probe: str = "shapes"       # probe dataset at the end of training ("" to skip)
-    seed: int = 0
-    out_dir: str = "out"
+    data_root: str = "data"     # where --probe=cifar10/cifar100 are (or are downloaded to)
+    seed: int = 0               # initialisation, data order, noise: a run is a function of its flags
+    out_dir: str = "out"        # checkpoint ckpt.pt and log.csv go here
     resume: bool = False        # continue from out_dir/ckpt.pt
     stop_after: int = 0         # end this run after so many steps (checkpointed); --resume goes on
     # speed
     device: str = "auto"        # auto | cpu | cuda
     compile: bool = False       # torch.compile the model (CUDA)
     bench: bool = False         # time training steps and report images/s and MFU, then exit
-    bench_steps: int = 10
+    bench_steps: int = 10       # timed steps of --bench
 
 
 PRESETS = {  # DiT-style named sizes
@@ -102,17 +105,32 @@ PRESETS = {  # DiT-style named sizes
 OBJECTIVES = ("mdc", "ar", "cappa", "clip", "siglip")
 
 
+UsageError = data.UsageError  # a mistake at the command line: one line, exit status 2 (data.command_line)
+# the flags a --resume may change: how long and how the run goes on, not what it trains
+RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval_every", "ckpt_every", "log_every",
+             "sample_steps", "sample_order", "probe", "data_root", "out_dir", "num_workers", "device", "compile", "bench", "bench_steps")
+
+
+def config_help():
+    """Every flag with its default (of --model=tiny) and the comment beside its field in Config."""
+    notes = dict(re.findall(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    return "\n".join(f"  {f'--{f.name}={f.default!r}':<28} {notes.get(f.name, '')}" for f in fields(Config))
+
+
 def parse_args(argv):
-    """--key=value flags -> Config. --model=NAME applies a preset first; explicit flags win."""
+    """--key=value flags -> Config. --model=NAME applies a preset first; explicit flags win.
+    A bad flag or value is a UsageError that names it; every check runs before any work starts."""
     names = {f.name: f for f in fields(Config)}
+    if "--help" in argv or "-h" in argv:
+        print("python mdc.py --key=value ...  (a bare --flag means --flag=True)\n" + config_help())
+        raise SystemExit(0)
     overrides = {}
     for arg in argv:
         key, eq, val = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in names:
             close = difflib.get_close_matches(key, names, n=1)
-            hint = f" Did you mean --{close[0]}?" if close else ""
-            raise SystemExit(f"unknown argument {arg!r}.{hint} Valid flags (--key=value, defaults of --model=tiny):\n  "
-                             + "\n  ".join(f"--{n}={f.default!r}" for n, f in names.items()))
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            raise UsageError(f"unknown flag {arg!r}{hint} (python mdc.py --help lists every flag)")
         typ = names[key].type
         try:
             if typ == "bool" or typ is bool:
@@ -124,21 +142,52 @@ def parse_args(argv):
                 if overrides[key] is None:
                     raise ValueError
         except ValueError:
-            raise SystemExit(f"--{key} expects a {getattr(typ, '__name__', typ)}, got {val!r}")
+            raise UsageError(f"--{key} expects a {getattr(typ, '__name__', typ)}, got {val!r}") from None
     preset = overrides.get("model", Config.model)
     if preset not in PRESETS:
-        raise SystemExit(f"--model must be one of {list(PRESETS)}, got {preset!r}")
+        raise UsageError(f"--model must be one of {list(PRESETS)}, got {preset!r}")
     cfg = Config(**{**PRESETS[preset], **overrides})
-    checks = [(cfg.objective in OBJECTIVES, f"--objective must be one of {OBJECTIVES}"),
-              (cfg.mdc_weight in ("elbo", "none"), "--mdc_weight must be elbo or none"),
-              (0 < cfg.t_min <= 1, "--t_min must be in (0, 1]"),
-              (cfg.sample_order in ("confidence", "random"), "--sample_order must be confidence or random"),
-              (cfg.img_size % cfg.patch_size == 0, "--img_size must be a multiple of --patch_size"),
-              (cfg.width % cfg.heads == 0 and cfg.width % 4 == 0, "--width must be a multiple of --heads and of 4")]
-    for ok, msg in checks:
-        if not ok:
-            raise SystemExit(msg)
+    check_config(cfg)
     return cfg
+
+
+def check_config(c):
+    """Every value in range, or a UsageError naming the flag, the value and what it must be."""
+    kind = c.data.partition(":")[0]
+    rules = [
+        ("objective", c.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+        ("data", kind in data.CAPTION_KINDS_LIST, data.CAPTION_KINDS),
+        ("mdc_weight", c.mdc_weight in ("elbo", "none"), "elbo or none"),
+        ("sample_order", c.sample_order in ("confidence", "random"), "confidence or random"),
+        ("device", c.device in ("auto", "cpu") or c.device.startswith("cuda"), "auto, cpu or cuda"),
+        ("t_min", 0 < c.t_min <= 1, "in (0, 1]"),
+        ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"),
+        ("val_frac", 0 <= c.val_frac < 1, "in [0, 1)"),
+        ("warmup", 0 <= c.warmup <= 1, "a fraction of the steps, in [0, 1]"),
+        ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
+        ("lr", c.lr > 0, "> 0"),
+        ("batch_size", c.batch_size >= 1, ">= 1 (the global batch)"),
+        ("steps", c.steps >= 1, ">= 1"),
+        ("max_len", c.max_len >= 2, ">= 2 (a word and [EOS])"),
+        ("img_size", c.img_size >= c.patch_size >= 1 and c.img_size % c.patch_size == 0,
+         f"a multiple of --patch_size={c.patch_size}"),
+        ("width", c.heads >= 1 and c.width % c.heads == 0 and c.width % 4 == 0 and c.width > 0,
+         f"a multiple of 4 and of --heads={c.heads}"),
+        ("enc_depth", c.enc_depth >= 1, ">= 1"), ("dec_depth", c.dec_depth >= 1, ">= 1"),
+        ("mlp_ratio", c.mlp_ratio > 0, "> 0"), ("vocab_min_count", c.vocab_min_count >= 1, ">= 1"),
+        ("weight_decay", c.weight_decay >= 0, ">= 0"), ("grad_clip", c.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+        ("z_loss", c.z_loss >= 0, ">= 0"), ("num_workers", c.num_workers >= 0, ">= 0"),
+        ("eval_every", c.eval_every >= 0, ">= 0 (0 = never)"), ("ckpt_every", c.ckpt_every >= 1, ">= 1"),
+        ("log_every", c.log_every >= 1, ">= 1"), ("sample_steps", c.sample_steps >= 0, ">= 0 (0 = one token per step)"),
+        ("stop_after", c.stop_after >= 0, ">= 0 (0 = run to --steps)"), ("bench_steps", c.bench_steps >= 1, ">= 1"),
+    ]
+    for key, ok, want in rules:
+        if not ok:
+            raise UsageError(f"--{key}={getattr(c, key)!r}: must be {want}")
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device={c.device}: no CUDA device is available here (use --device=cpu or auto)")
+    if c.probe:
+        data.check_probe(c.probe, c.data_root)
 
 
 # -----------------------------------------------------------------------------
@@ -600,8 +649,7 @@ def quick_probe(model, cfg):
     Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    tr = data.probe_dataset(cfg.probe, "train", cfg.img_size, seed=cfg.seed)
-    te = data.probe_dataset(cfg.probe, "test", cfg.img_size, seed=cfg.seed)
+    tr, te = (data.probe_dataset(cfg.probe, s, cfg.img_size, cfg.data_root, cfg.seed) for s in ("train", "test"))
     rand = random_encoder(cfg, cfg.seed + 1, device)
     flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
     out = {}
@@ -646,10 +694,32 @@ def save_checkpoint(path, model, opt, cfg, tok, step):
     os.replace(tmp, path)
 
 
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict at path, or a UsageError that says what the file is not."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # not a torch file, or one with pickled objects in it
+        why = (str(e).splitlines() or [""])[0][:120]
+        raise UsageError(f"{path} is not a checkpoint written by mdc.py ({type(e).__name__}: {why})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "vocab", "step"} <= set(ckpt):
+        raise UsageError(f"{path} is not a checkpoint written by mdc.py (no model, config, vocab and step in it)")
+    return ckpt
+
+
+def config_of(ckpt):
+    """The Config a checkpoint was trained with (fields it predates take their defaults)."""
+    known = {f.name for f in fields(Config)}
+    if unknown := sorted(set(ckpt["config"]) - known):
+        raise UsageError(f"the checkpoint has flags this mdc.py does not know ({', '.join(unknown)}): a newer version wrote it")
+    return Config(**ckpt["config"])
+
+
 def load_checkpoint(path, device="cpu"):
     """-> (model in eval mode, Config, Tokenizer, checkpoint dict)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = Config(**ckpt["config"])
+    ckpt = read_checkpoint(path, device)
+    cfg = config_of(ckpt)
     tok = data.Tokenizer(ckpt["vocab"])
     model = Model(cfg, len(tok)).to(device)
     model.load_state_dict(ckpt["model"])
@@ -750,7 +820,18 @@ def train(cfg, callback=None):
     set) on the main process, None on the others (and bench's figures with --bench)."""
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ (DiT)
     torch.backends.cudnn.allow_tf32 = True
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume:  # before any work: a checkpoint of another run stops here
+        if not os.path.exists(ckpt_path):
+            raise UsageError(f"--resume: no checkpoint at {ckpt_path} (set --out_dir to the run's folder)")
+        ckpt = read_checkpoint(ckpt_path)
+        check_resume(ckpt, cfg, ckpt_path)
+        if ckpt["step"] >= cfg.steps:
+            raise UsageError(f"--resume: {ckpt_path} is already at step {ckpt['step']} of --steps={cfg.steps}; "
+                             f"raise --steps to train on")
     rank, world, device = setup_distributed(pick_device(cfg.device))
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch_size={cfg.batch_size} must divide by the number of processes ({world})")
     master = rank == 0
     torch.manual_seed(cfg.seed)
     train_set, val_set, tok, caps = caption_data(cfg)
@@ -758,8 +839,7 @@ def train(cfg, callback=None):
     model.encoder.requires_grad_(not cfg.freeze_encoder)
     opt = make_optimizer(model, cfg, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    start = resume(ckpt_path, model, opt, tok, device, master) if cfg.resume else 0
+    start = resume(ckpt, ckpt_path, model, opt, tok, master) if cfg.resume else 0
     if master:
         print(f"tokenizer: {len(tok)} words; " + data.truncation_report(caps, cfg.max_len))
         print(f"{cfg.objective} | {cfg.model}: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M "
@@ -825,13 +905,19 @@ def train(cfg, callback=None):
     return model.eval(), tok, val_set
 
 
-def resume(path, model, opt, tok, device, master):
+def check_resume(ckpt, cfg, path):
+    """--resume goes on with the same run: every flag but those in RESUMABLE must be the checkpoint's."""
+    saved, now = asdict(config_of(ckpt)), asdict(cfg)
+    if diff := [k for k in now if k not in RESUMABLE and saved[k] != now[k]]:
+        raise UsageError(f"--resume: {path} was trained with " + ", ".join(f"--{k}={saved[k]!r}" for k in diff)
+                         + ", this run has " + ", ".join(f"--{k}={now[k]!r}" for k in diff)
+                         + "; only " + " ".join(f"--{k}" for k in RESUMABLE) + " may change on resume")
+
+
+def resume(ckpt, path, model, opt, tok, master):
     """Load model and optimizer state from a checkpoint of the same run; returns its step."""
-    if not os.path.exists(path):
-        raise SystemExit(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
     if ckpt["vocab"] != tok.itos:
-        raise SystemExit("--resume: the checkpoint's vocabulary differs from this data's; same --data?")
+        raise UsageError(f"--resume: {path} has another vocabulary than this data's; did --data change?")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if master:
@@ -942,4 +1028,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    data.command_line(main, sys.argv[1:], "mdc.py")

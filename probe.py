@@ -624,7 +624,7 @@ def bench(n=50_000, d=384, c=100, device="cpu"):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description="linear probe, zero-shot, compositionality and retrieval of encoders")
+    p = data.ArgumentParser(prog="probe.py", description="linear probe, zero-shot, compositionality and retrieval of encoders")
     p.add_argument("--ckpt", action="append", default=[], help="checkpoint path, or 'random' / 'pixels'; repeatable")
     p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK], cifar10, cifar100, imagefolder:ROOT, imagenet:ROOT")
     p.add_argument("--data_root", default="data")
@@ -657,6 +657,18 @@ def parse(argv):
     bad = [r for r in a.mdc_rules.split(",") if r not in RULES["mdc"]]
     if bad:
         p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(RULES['mdc'])}")
+    for name, ok in (("K", a.K >= 1), ("n_eval", a.n_eval >= 1), ("n_retrieval", a.n_retrieval >= 2),
+                     ("batch_size", a.batch_size >= 1), ("per_class", a.per_class >= 0), ("pixel_size", a.pixel_size >= 1),
+                     ("img_size", a.img_size >= 0)):
+        if not ok:
+            p.error(f"--{name}={getattr(a, name)} is out of range")
+    if missing := [c for c in a.ckpt if c not in ("random", "pixels") and not os.path.isfile(c)]:
+        p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, or random / pixels)")
+    if not a.bench and not a.ckpt:
+        p.error("give at least one --ckpt=PATH (or --ckpt=random / --ckpt=pixels)")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device={a.device}: no CUDA device is available here")
+    data.check_probe(a.dataset, a.data_root)
     return a
 
 
@@ -665,8 +677,6 @@ def main(argv):
     device = mdc.pick_device(args.device)
     if args.bench:
         return bench(device=device)
-    if not args.ckpt:
-        raise SystemExit("give at least one --ckpt=PATH (or --ckpt=random / --ckpt=pixels)")
     torch.backends.cuda.matmul.allow_tf32 = True
     command = "python " + " ".join([os.path.basename(sys.argv[0] or "probe.py")] + list(argv))
     synthetic = args.dataset.startswith("shapes")
@@ -733,4 +743,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    data.command_line(main, sys.argv[1:], "probe.py")

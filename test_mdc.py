@@ -358,13 +358,26 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     assert not torch.equal(p1["encoder.patch.weight"], mdc.Model(tiny_cfg(), 51).encoder.patch.weight)
 
 
+def test_ddp_refuses_a_batch_that_does_not_divide_by_the_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "mdc.py", *TINY, "--batch_size=3", "--steps=1", "--device=cpu", f"--out_dir={tmp_path}"],
+                         cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode != 0 and "mdc.py: error: --batch_size=3 must divide by the number of processes (2)" in out.stderr
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     run_train(tmp_path, "--steps=4", "--ckpt_every=2", "--stop_after=2")
     good = params(tmp_path / "ckpt.pt")
-    with pytest.raises(SystemExit, match="non-finite loss at step [34];"):  # steps 3-4 come after the checkpoint
-        run_train(tmp_path, "--steps=4", "--ckpt_every=2", "--resume", "--lr=1e30")
+    with pytest.raises(SystemExit, match=f"non-finite loss at step [34]; stopping, the last good checkpoint is {tmp_path}"):
+        run_train(tmp_path, "--steps=4", "--ckpt_every=2", "--resume", "--lr=1e30")  # steps 3-4 come after it
     after = params(tmp_path / "ckpt.pt")
     assert all(torch.equal(good[k], after[k]) for k in good)
+    with pytest.raises(SystemExit, match="non-finite loss at step [12]; stopping, no checkpoint was written"):
+        run_train(tmp_path / "fresh", "--steps=4", "--ckpt_every=2", "--lr=1e30")
 
 
 @pytest.mark.parametrize("flag", ["--qk_norm", "--z_loss=0.01"])
@@ -420,15 +433,95 @@ def test_qk_norm_bounds_the_attention_logits():
     assert min(peaks["--qk_norm=false"].values()) > 3 * hd ** 0.5, peaks
 
 
-def test_cli_rejects_unknown_flags_and_bad_values():
-    with pytest.raises(SystemExit, match=r"(?s)unknown argument '--lrr=1'. Did you mean --lr\?.*--t_min="):
-        mdc.parse_args(["--lrr=1"])
-    with pytest.raises(SystemExit, match="--steps expects a int"):
-        mdc.parse_args(["--steps=many"])
-    with pytest.raises(SystemExit, match="--objective must be one of"):
-        mdc.parse_args(["--objective=gan"])
+def test_presets_and_explicit_flags_and_help(capsys):
     cfg = mdc.parse_args(["--model=small", "--img_size=64", "--qk_norm"])
     assert cfg.width == 384 and cfg.img_size == 64 and cfg.qk_norm is True
+    with pytest.raises(SystemExit) as e:
+        mdc.parse_args(["--help"])
+    helptext = capsys.readouterr().out
+    assert e.value.code == 0 and all(f"--{f.name}=" in helptext for f in mdc.fields(mdc.Config))
+    assert "--t_min=0.5" in helptext and "mask ratio" in helptext.split("--t_min=")[1].splitlines()[0]
+
+
+def write_junk(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a checkpoint")
+    return path
+
+
+# (argv, what the one line must name); {tmp} is a fresh folder, {run} one with a 2-step checkpoint of TINY
+MDC_MISTAKES = [
+    (["--batch_size=0"], "--batch_size=0"), (["--lr=-1"], "--lr=-1.0"), (["--max_len=1"], "--max_len=1"),
+    (["--steps=0"], "--steps=0"), (["--lrr=1"], "did you mean --lr?"), (["--steps=many"], "--steps expects a int"),
+    (["--objective=gan"], "--objective='gan'"), (["--t_min=0"], "--t_min=0.0"), (["--img_size=18"], "--patch_size=4"),
+    (["--width=30"], "--width=30"), (["--warmup=2"], "--warmup=2.0"), (["--ckpt_every=0"], "--ckpt_every=0"),
+    (["--data=laion:/x"], "--data='laion:/x'"), (["--probe=shapes:colour"], "'colour'"),
+    (["--data=csv:/missing.csv"], "/missing.csv not found"), (["--data=flickr:/wrong/dir"], "/wrong/dir not found"),
+    (["--probe=imagefolder:/nowhere"], "/nowhere/train not found"), (["--probe=cifar10", "--data_root={tmp}"], "cifar-10-batches-py"),
+    (["--resume", "--out_dir={tmp}"], "no checkpoint at"), (["--resume", "--out_dir={junk}"], "is not a checkpoint"),
+    (["--resume", "--steps=4", "--max_len=12", "--out_dir={run}"], "--max_len=24, this run has --max_len=12"),
+    (["--resume", "--steps=4", "--objective=ar", "--out_dir={run}"], "--objective='mdc', this run has --objective='ar'"),
+    (["--resume", "--steps=2", "--out_dir={run}"], "already at step 2 of --steps=2"),
+]
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    mdc.train(tiny_cfg(f"--out_dir={out}", "--steps=2"))
+    return out
+
+
+@pytest.mark.parametrize("argv, names", MDC_MISTAKES, ids=[" ".join(a) for a, _ in MDC_MISTAKES])
+def test_a_command_line_mistake_is_one_line_and_status_2(argv, names, tmp_path, two_step_run, capsys, monkeypatch):
+    import torchvision
+
+    def offline(*a, **k):  # no test may download CIFAR: this is what an offline machine raises
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    argv = [a.format(tmp=tmp_path, run=two_step_run, junk=write_junk(tmp_path / "j" / "ckpt.pt").parent) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        data.command_line(mdc.main, TINY + argv, "mdc.py")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("mdc.py: error: ") and len(err.splitlines()) == 1, err
+    assert names in err, err
+
+
+PROBE_MISTAKES = [(["--ckpt=/missing.pt"], "--ckpt=/missing.pt"), (["--ckpt=random", "--K=0"], "--K=0"),
+                  (["--ckpt={junk}"], "is not a checkpoint"), (["--ckpt=random", "--dataset=imagefolder:/nope"], "/nope/train"),
+                  (["--ckpt=random", "--dataset=mnist"], "'mnist'"), (["--bogus"], "--bogus"), ([], "--ckpt")]
+
+
+@pytest.mark.parametrize("argv, names", PROBE_MISTAKES, ids=[" ".join(a) for a, _ in PROBE_MISTAKES])
+def test_a_probe_command_line_mistake_is_one_line_and_status_2(argv, names, tmp_path, capsys):
+    argv = [a.format(junk=write_junk(tmp_path / "junk.pt")) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        data.command_line(probe.main, argv, "probe.py")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("probe.py: error: ") and len(err.splitlines()) == 1, err
+    assert names in err, err
+
+
+@pytest.mark.parametrize("script, argv, names", [
+    ("mdc.py", ["--lr=-1"], "--lr"), ("probe.py", ["--ckpt=/missing.pt"], "/missing.pt"),
+    ("data.py", ["prepare", "--data=csv:/missing.csv", "--out=/tmp/never"], "/missing.csv"),
+    ("data.py", ["prepare", "--data=shapes"], "--out")])
+def test_each_command_line_exits_2_with_one_line_and_no_traceback(script, argv, names):
+    out = subprocess.run([sys.executable, script, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+    assert names in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_valid_edge_values_still_train(tmp_path):
+    for i, edge in enumerate((["--batch_size=1", "--steps=1"], ["--max_len=2", "--steps=1"], ["--objective=clip", "--batch_size=1"])):
+        model, tok, _ = run_train(tmp_path / str(i), "--steps=1", *edge)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_may_change_steps_and_lr(tmp_path):
+    run_train(tmp_path, "--steps=2")
+    run_train(tmp_path, "--steps=4", "--lr=1e-3", "--resume")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
 
 
 # =============================================================================
@@ -516,24 +609,24 @@ def test_corrupt_image_in_worker_does_not_crash(tmp_path):
 
 
 def test_bad_paths_and_kinds(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset kind 'laion'.*coco:ROOT"):
+    with pytest.raises(data.UsageError, match="unknown dataset kind 'laion'.*coco:ROOT"):
         data.build_caption_data("laion:/x")
-    with pytest.raises(FileNotFoundError, match="Kaggle layout"):
+    with pytest.raises(data.UsageError, match="Kaggle layout"):
         data.build_caption_data(f"flickr:{tmp_path}/nowhere")
     (tmp_path / "Images").mkdir()
-    with pytest.raises(FileNotFoundError, match="captions.txt"):  # a folder without the expected files
+    with pytest.raises(data.UsageError, match="captions.txt"):  # a folder without the expected files
         data.build_caption_data(f"flickr:{tmp_path}")
-    with pytest.raises(FileNotFoundError, match="captions_train2017.json"):
+    with pytest.raises(data.UsageError, match="captions_train2017.json"):
         data.build_caption_data(f"coco:{tmp_path}")
-    with pytest.raises(FileNotFoundError, match=r"\*\.tar"):
+    with pytest.raises(data.UsageError, match=r"\*\.tar"):
         data.build_caption_data(f"wds:{tmp_path}")
-    with pytest.raises(FileNotFoundError, match="data.py prepare"):
+    with pytest.raises(data.UsageError, match="data.py prepare"):
         data.build_caption_data(f"cache:{tmp_path}")
-    with pytest.raises(ValueError, match="unknown probe dataset"):
+    with pytest.raises(data.UsageError, match="unknown probe dataset"):
         data.probe_dataset("mnist", "train")
-    with pytest.raises(FileNotFoundError, match="ImageFolder"):
+    with pytest.raises(data.UsageError, match="ImageFolder"):
         data.probe_dataset(f"imagefolder:{tmp_path}/nowhere", "train")
-    with pytest.raises(FileNotFoundError, match="ROOT/train/<class>"):  # a folder, but no train/ in it
+    with pytest.raises(data.UsageError, match="ROOT/train/<class>"):  # a folder, but no train/ in it
         data.probe_dataset(f"imagefolder:{tmp_path}", "train")
 
 
@@ -567,7 +660,7 @@ def test_csv_tsv_jsonl_with_named_columns(tmp_path, ext):
     else:
         f.write_text("\n".join(["file\ttext" if ext == "tsv" else "file,text"]
                                + [f"{p}\t{c}" if ext == "tsv" else f"{p},{c}" for p, c in rows]) + "\n")
-    with pytest.raises(ValueError, match="--image_col"):
+    with pytest.raises(data.UsageError, match="--image_col"):
         data.build_caption_data(f"csv:{f}")  # default column names are not in this file
     train, val = data.build_caption_data(f"csv:{f}", image_col="file", caption_col="text", val_frac=0.3)
     assert pairs_of(train) | pairs_of(val) == {(f"p{i}.png", f"caption of {i}") for i in range(6)}
@@ -705,7 +798,7 @@ def test_cifar_offline_message(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network unreachable")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(RuntimeError, match="cifar-10-batches-py"):
+    with pytest.raises(data.UsageError, match="cifar-10-batches-py"):
         data.probe_dataset("cifar10", "train", data_root=str(tmp_path))
 
 
@@ -993,7 +1086,7 @@ def test_caption_signal_never_pairs_a_caption_with_its_own_image(models, monkeyp
 
 
 def test_probe_cli_rejects_unknown_scoring_rules():
-    with pytest.raises(SystemExit):
+    with pytest.raises(data.UsageError, match="--mdc_rules"):
         probe.parse(["--ckpt=random", "--mdc_rules=elbo,pl"])
     assert probe.parse(["--ckpt=random", "--mdc_rules=elbo,all"]).mdc_rules == "elbo,all"
 
