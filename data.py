@@ -108,30 +108,26 @@ class Tokenizer:
 
 
 # -----------------------------------------------------------------------------
-# The synthetic "shapes" dataset: 1-3 coloured objects on a noisy background,
-# captions from a small grammar that names every object and a spatial relation.
-# Every image is a pure function of (seed, index), computed with a counter-based
-# hash, so any batch of indices is generated in one vectorised pass, in any order.
+# The synthetic "shapes" dataset: one or two coloured objects on a noisy background,
+# captions from a small grammar that names each object's size, colour and shape and,
+# for two, where one is relative to the other. Every image is a pure function of
+# (seed, index), computed with a counter-based hash, so any batch of indices is
+# generated in one vectorised pass, in any order.
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "ring"]
 COLORS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.15, 0.3, 1.0),
-          "yellow": (0.95, 0.9, 0.1), "purple": (0.65, 0.15, 0.9), "cyan": (0.1, 0.85, 0.9),
-          "orange": (1.0, 0.55, 0.0)}
+          "yellow": (0.95, 0.9, 0.1), "purple": (0.65, 0.15, 0.9), "cyan": (0.1, 0.85, 0.9)}
 COLOR_NAMES = list(COLORS)
 SIZES = ["small", "large"]
-SYNONYMS = {  # the grammar picks one at random, so a caption is not a fixed string per image
-    "small": ["small", "little", "tiny"], "large": ["large", "big", "huge"],
-    "circle": ["circle", "disc"], "square": ["square", "box"], "triangle": ["triangle"],
-    "diamond": ["diamond", "rhombus"], "cross": ["cross", "plus"], "ring": ["ring", "hoop"],
-    "above": ["above", "over"], "below": ["below", "under", "beneath"],
-    "left of": ["left of", "to the left of"], "right of": ["right of", "to the right of"],
-}
-INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
-MAX_OBJECTS = 3
-GRID = 3                  # objects sit in distinct cells of a GRID x GRID grid
-RADIUS = (0.34, 0.48)     # object radius (small, large), a fraction of a cell
-ROW_WORDS = ["at the top", "in the middle", "at the bottom"] if GRID == 3 else ["at the top", "at the bottom"]
-COLUMN_WORDS = [" on the left", "", " on the right"] if GRID == 3 else [" on the left", " on the right"]
+TIE_SHAPE = list(range(len(COLORS)))  # --tie: the shape a colour implies: red circle, green square, blue triangle, ...
+RELATIONS = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}  # and its inverse
+WORD_KINDS = {"size": SIZES, "colour": COLOR_NAMES, "shape": SHAPES}  # per-word-kind signal (probe.py)
+ORDERS = ("color_first", "shape_first")
+MAX_OBJECTS = 2
+GRID = 2                  # objects sit in distinct cells of a GRID x GRID grid
+RADIUS = (0.25, 0.40)     # object radius (small, large), a fraction of a cell
+SPREAD = 1.0              # how far a pre-training object may move from its cell's centre: 1 = anywhere inside the cell
+PROBE_SPREAD = 1.0        # the same for the probe's objects: anywhere in the cell, so no pixel template fits
 
 
 def _hash_uniform(seed, idx, field):
@@ -146,24 +142,27 @@ def _hash_uniform(seed, idx, field):
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def scene_attributes(seed, idx, n_objects=None, spread=0.3):
-    """Attributes of the scenes at indices idx (1-D array of ints).
-    Returns a dict of numpy arrays, K = MAX_OBJECTS object slots per scene:
-    n (B,), shape (B, K), color (B, K), size (B, K), cell (B, K) in 0..GRID*GRID-1, jitter (B, K, 2),
-    spread: how far (a fraction of a cell) an object may sit from its cell's centre."""
+def scene_attributes(seed, idx, n_objects=None, tie=0.0, spread=None):
+    """Attributes of the scenes at indices idx (1-D array of ints): a dict of numpy arrays with
+    K = MAX_OBJECTS object slots per scene: n (B,), shape, color, size, cell (B, K), jitter (B, K, 2),
+    and spread (a number, default SPREAD): how far an object may sit from its cell's centre.
+    tie: the probability that an object's shape is the one its colour implies (TIE_SHAPE), a
+    text prior: whoever has read the colour word can guess the shape word without the image."""
     idx = np.asarray(idx, dtype=np.int64)
     B, K = len(idx), MAX_OBJECTS
     u = lambda f: _hash_uniform(seed, idx, f)
     n = (1 + (u(0) * K).astype(int)) if n_objects is None else np.full(B, n_objects)
-    shape = np.stack([(u(10 + k) * len(SHAPES)).astype(int) for k in range(K)], 1)
     color = np.stack([(u(20 + k) * len(COLORS)).astype(int) for k in range(K)], 1)
+    free = np.stack([(u(10 + k) * len(SHAPES)).astype(int) for k in range(K)], 1)
+    tied = np.stack([u(60 + k) < tie for k in range(K)], 1)             # (B, K)
+    shape = np.where(tied, np.array(TIE_SHAPE)[color], free)
     size = np.stack([(u(30 + k) * 2).astype(int) for k in range(K)], 1)
     # distinct cells of the grid: rank GRID*GRID hashed keys per scene, take the first K
     keys = np.stack([u(40 + c) for c in range(GRID * GRID)], 1)       # (B, GRID*GRID)
     cell = np.argsort(keys, axis=1)[:, :K]                             # (B, K)
     jitter = np.stack([np.stack([u(50 + 2 * k), u(51 + 2 * k)], 1) for k in range(K)], 1)  # (B, K, 2)
-    return dict(n=n, shape=shape, color=color, size=size, cell=cell, jitter=jitter, spread=spread,
-                u_text=np.stack([u(100 + j) for j in range(16)], 1))  # (B, 16) draws for the grammar
+    return dict(n=n, shape=shape, color=color, size=size, cell=cell, jitter=jitter, spread=SPREAD if spread is None else spread,
+                u_text=np.stack([u(100 + j) for j in range(4)], 1))  # (B, 4) draws for the grammar
 
 
 def render(attrs, img_size=32, seed=0, idx=None):
@@ -171,10 +170,11 @@ def render(attrs, img_size=32, seed=0, idx=None):
     B, K = attrs["shape"].shape
     S = img_size
     cell_px = S / GRID
-    # object centres in pixels: the cell centre plus up to +-spread/2 of a cell of jitter
-    cy = (attrs["cell"] // GRID + 0.5 + attrs["spread"] * (attrs["jitter"][..., 0] - 0.5)) * cell_px  # (B, K)
-    cx = (attrs["cell"] % GRID + 0.5 + attrs["spread"] * (attrs["jitter"][..., 1] - 0.5)) * cell_px
     radius = np.where(attrs["size"] == 1, RADIUS[1], RADIUS[0]) * cell_px                       # (B, K)
+    # object centres in pixels: the cell centre, moved by up to spread x the room the object has in its cell
+    room = attrs["spread"] * np.maximum(cell_px / 2 - 1.05 * radius, 0)                         # (B, K)
+    cy = (attrs["cell"] // GRID + 0.5) * cell_px + room * (2 * attrs["jitter"][..., 0] - 1)
+    cx = (attrs["cell"] % GRID + 0.5) * cell_px + room * (2 * attrs["jitter"][..., 1] - 1)
     yy, xx = np.meshgrid(np.arange(S) + 0.5, np.arange(S) + 0.5, indexing="ij")      # (S, S)
     dy = (yy[None, None] - cy[..., None, None]) / radius[..., None, None]             # (B, K, S, S)
     dx = (xx[None, None] - cx[..., None, None]) / radius[..., None, None]
@@ -197,98 +197,84 @@ def render(attrs, img_size=32, seed=0, idx=None):
     noise = _hash_uniform(seed + 7919, (ids[:, None] * (3 * S * S) + pix[None]), 201)  # (B, 3*S*S)
     img = base + 0.18 * (noise.reshape(B, 3, S, S) - 0.5)
     palette = np.array(list(COLORS.values()))                                          # (n_colors, 3)
-    for k in range(K):  # later objects are drawn on top; cells are distinct so overlap is rare
+    for k in range(K):  # the second object is drawn on top where the two overlap
         rgb = palette[attrs["color"][:, k]][:, :, None, None]                          # (B, 3, 1, 1)
         shade = 0.85 + 0.15 * noise.reshape(B, 3, S, S)                                # a little texture
         img = np.where(obj[:, k, None], rgb * shade, img)
     return torch.from_numpy(np.clip(img, 0, 1).astype(np.float32))
 
 
-def _pick(words, u):
-    return words[min(int(u * len(words)), len(words) - 1)]
-
-
-def describe(attrs, i):
-    """The caption of scene i: every object with size, colour and shape, and spatial relations."""
+def describe(attrs, i, order="color_first"):
+    """The caption of scene i: each object's size, colour and shape ("a small red circle", or with
+    order="shape_first" "a small circle in red"), and for two objects where the first is relative to
+    the second, in one of two equivalent word orders ("A left of B" or "B right of A")."""
     u = attrs["u_text"][i]
-    n = attrs["n"][i]
 
-    def noun(k, uu):
-        size = _pick(SYNONYMS[SIZES[attrs["size"][i, k]]], uu)
-        shape = _pick(SYNONYMS[SHAPES[attrs["shape"][i, k]]], 1 - uu)
-        return f"a {size} {COLOR_NAMES[attrs['color'][i, k]]} {shape}"
+    def noun(k):
+        size, colour, shape = SIZES[attrs["size"][i, k]], COLOR_NAMES[attrs["color"][i, k]], SHAPES[attrs["shape"][i, k]]
+        return f"a {size} {colour} {shape}" if order == "color_first" else f"a {size} {shape} in {colour}"
 
-    def relation(a, b):  # where a is relative to b, from the grid cells (never the same cell)
-        ra, ca = divmod(int(attrs["cell"][i, a]), GRID)
-        rb, cb = divmod(int(attrs["cell"][i, b]), GRID)
-        if abs(ra - rb) >= abs(ca - cb):
-            return "above" if ra < rb else "below"
-        return "left of" if ca < cb else "right of"
-
-    if n == 1:
-        r, c = divmod(int(attrs["cell"][i, 0]), GRID)
-        where = ROW_WORDS[r] + COLUMN_WORDS[c]
-        return _pick([f"{noun(0, u[0])} {where}", f"there is {noun(0, u[0])} {where}"], u[1])
-
-    def clause(a, b, ua, ub, uw):
-        rel = relation(a, b)
-        if uw < 0.5:   # same meaning, two word orders: "A above B" or "B below A"
-            return f"{noun(a, ua)} {_pick(SYNONYMS[rel], ub)} {noun(b, ub)}"
-        return f"{noun(b, ub)} {_pick(SYNONYMS[INVERSE[rel]], ua)} {noun(a, ua)}"
-
-    first = clause(0, 1, u[0], u[1], u[2])
-    if n == 2:
-        return _pick([first, f"there is {first}", f"{first} in the picture"], u[3])
-    second = clause(2, _pick([0, 1], u[4]), u[5], u[6], u[7])
-    return _pick([f"{first} and {second}", f"{first} , {second}", f"{second} and {first}"], u[8])
+    if attrs["n"][i] == 1:
+        return noun(0)
+    (ra, ca), (rb, cb) = divmod(int(attrs["cell"][i, 0]), GRID), divmod(int(attrs["cell"][i, 1]), GRID)
+    if abs(ra - rb) >= abs(ca - cb):  # distinct cells; on a diagonal the rows decide
+        rel = "above" if ra < rb else "below"
+    else:
+        rel = "left of" if ca < cb else "right of"
+    if u[0] < 0.5:
+        return f"{noun(0)} {rel} {noun(1)}"
+    return f"{noun(1)} {RELATIONS[rel]} {noun(0)}"
 
 
 class Shapes:
     """The built-in synthetic captioned dataset. Unlimited: index i is scene i.
-    `batch(idx)` returns (images (B, 3, S, S) float in [0, 1], captions list of str)."""
+    `batch(idx)` returns (images (B, 3, S, S) float in [0, 1], captions list of str).
+    tie and order: the text prior and the word order of the captions (see scene_attributes, describe)."""
     name = "shapes"
 
-    def __init__(self, seed=0, img_size=32, split="train"):
+    def __init__(self, seed=0, img_size=32, split="train", tie=0.0, order="color_first"):
         # train and val draw from disjoint index ranges of the same generator
-        self.seed, self.img_size = seed, img_size
+        self.seed, self.img_size, self.tie, self.order = seed, img_size, tie, order
         self.offset = 0 if split == "train" else 1 << 40
 
     def __len__(self):
         return 1 << 40  # effectively unlimited
 
-    def batch(self, idx, epoch=0):  # epoch: unused, every index is a new scene
-        idx = np.asarray(idx, dtype=np.int64) + self.offset
-        attrs = scene_attributes(self.seed, idx)
-        imgs = render(attrs, self.img_size, self.seed, idx)
-        return imgs, [describe(attrs, i) for i in range(len(idx))]
+    def attributes(self, idx):
+        return scene_attributes(self.seed, np.asarray(idx, dtype=np.int64) + self.offset, tie=self.tie)
 
-    def vocab_captions(self, n=20000):
+    def batch(self, idx, epoch=0):  # epoch: unused, every index is a new scene
+        attrs = self.attributes(idx)
+        imgs = render(attrs, self.img_size, self.seed, np.asarray(idx, dtype=np.int64) + self.offset)
+        return imgs, [describe(attrs, i, self.order) for i in range(len(idx))]
+
+    def vocab_captions(self, n=2000):
         """Enough captions to cover every word of the grammar, for Tokenizer.build."""
-        attrs = scene_attributes(self.seed, np.arange(n))
-        return [describe(attrs, i) for i in range(n)]
+        attrs = scene_attributes(self.seed, np.arange(n), tie=self.tie)
+        return [describe(attrs, i, self.order) for i in range(n)]
 
     def report(self):
-        return "shapes: synthetic, generated on the fly, nothing skipped"
+        return f"shapes: synthetic (tie {self.tie}, {self.order}), generated on the fly, nothing skipped"
 
 
 PROBE_TASKS = {  # name -> (number of classes, label of a single-object scene)
     "shape": (len(SHAPES), lambda a: a["shape"][:, 0]),
+    "color": (len(COLORS), lambda a: a["color"][:, 0]),
     "shape_color": (len(SHAPES) * len(COLORS), lambda a: a["shape"][:, 0] * len(COLORS) + a["color"][:, 0]),
 }
+PROBE_SEED = 12345  # probe scenes come from another seed than pre-training: no probe image was seen in training
 
 
 def shapes_probe(task="shape", n_train=5000, n_test=2000, img_size=32, seed=0):
     """A labelled probe set from the same generator: single-object scenes, label from PROBE_TASKS.
-    Seeded apart from pre-training data (different seed) so no probe image was seen in training.
-    The object may sit anywhere in its cell (spread 0.8, not 0.3): a pixel template per cell
-    then no longer fits, so a linear probe on raw pixels stays a low floor.
-    Returns (x_train, y_train, x_test, y_test, n_classes)."""
+    The shape is drawn independently of the colour (no tie), so a probe of shape measures what the
+    encoder knows about shape, not about colour. Returns (x_train, y_train, x_test, y_test, n_classes)."""
     n_classes, label = PROBE_TASKS[task]
     out = []
     for off, n in ((0, n_train), (1 << 41, n_test)):
         idx = np.arange(n, dtype=np.int64) + off
-        attrs = scene_attributes(seed + 12345, idx, n_objects=1, spread=0.8)
-        out += [render(attrs, img_size, seed + 12345, idx), torch.from_numpy(label(attrs).astype(np.int64))]
+        attrs = scene_attributes(seed + PROBE_SEED, idx, n_objects=1, spread=PROBE_SPREAD)
+        out += [render(attrs, img_size, seed + PROBE_SEED, idx), torch.from_numpy(label(attrs).astype(np.int64))]
     return (*out, n_classes)
 
 
@@ -669,7 +655,8 @@ CAPTION_KINDS = "shapes, coco:ROOT, flickr:ROOT, csv:FILE (.csv/.tsv/.jsonl), wd
 CAPTION_KINDS_LIST = ("shapes", "coco", "flickr", "csv", "wds", "cache")
 
 
-def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col="image", caption_col="caption", val_frac=0.05):
+def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col="image", caption_col="caption", val_frac=0.05,
+                       tie=0.0, order="color_first"):
     """spec 'shapes' or 'KIND:PATH' -> (train, val) caption datasets.
     A caption dataset has __len__ (samples in an epoch), batch(idx, epoch) ->
     (images (B, 3, S, S) float32 in [0, 1], list of B caption strings),
@@ -677,7 +664,7 @@ def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col=
     -> one line saying what was skipped (printed here, once)."""
     kind, _, path = spec.partition(":")
     if kind == "shapes":
-        return Shapes(seed, img_size, "train"), Shapes(seed, img_size, "val")
+        return Shapes(seed, img_size, "train", tie, order), Shapes(seed, img_size, "val", tie, order)
     kw = dict(img_size=img_size, seed=seed, all_captions=all_captions)
     if kind in ("coco", "flickr", "csv", "wds") and not path:
         raise UsageError(f"--data={spec}: expected {kind}:PATH")

@@ -64,6 +64,8 @@ class Config:
     t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (why 0.5: RESULTS.md)
     mdc_weight: str = "elbo"    # mdc: elbo = 1/t-weighted masked CE over real tokens; none = mean masked CE
     antithetic: bool = True     # mdc: low-discrepancy t across the batch (MDLM), lowers loss variance
+    tie: float = 0.0            # shapes: probability that an object's shape is the one its colour implies (a text prior)
+    order: str = "color_first"  # shapes: color_first ("a small red circle") | shape_first ("a small circle in red")
     cappa_frac: float = 0.75    # cappa: fraction of examples with all tokens masked (parallel prediction)
     freeze_encoder: bool = False  # train the text side only, on the ViT at its random init (a text-prior floor)
     qk_norm: bool = False       # LayerNorm on queries and keys: bounds attention logits (stability)
@@ -159,6 +161,7 @@ def check_config(c):
         ("data", kind in data.CAPTION_KINDS_LIST, data.CAPTION_KINDS),
         ("mdc_weight", c.mdc_weight in ("elbo", "none"), "elbo or none"),
         ("sample_order", c.sample_order in ("confidence", "random"), "confidence or random"),
+        ("order", c.order in data.ORDERS, " or ".join(data.ORDERS)), ("tie", 0 <= c.tie <= 1, "a probability, in [0, 1]"),
         ("device", c.device in ("auto", "cpu") or c.device.startswith("cuda"), "auto, cpu or cuda"),
         ("t_min", 0 < c.t_min <= 1, "in (0, 1]"),
         ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"),
@@ -749,7 +752,8 @@ def setup_distributed(device):
 def caption_data(cfg):
     """(train set, val set, tokenizer, the training captions): the tokenizer is built from them."""
     train, val = data.build_caption_data(cfg.data, img_size=cfg.img_size, seed=cfg.seed, all_captions=cfg.all_captions,
-                                         image_col=cfg.image_col, caption_col=cfg.caption_col, val_frac=cfg.val_frac)
+                                         image_col=cfg.image_col, caption_col=cfg.caption_col, val_frac=cfg.val_frac,
+                                         tie=cfg.tie, order=cfg.order)
     caps = train.vocab_captions()
     return train, val, data.Tokenizer.build(caps, cfg.vocab_min_count), caps
 

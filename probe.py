@@ -191,28 +191,26 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
 TEMPLATES = ["a photo of a {}."]
 
 
-def shapes_zeroshot(task, n, seed=0):
+def shapes_zeroshot(task, n, seed=0, order="color_first"):
     """Candidates for the synthetic probe's test images (data.shapes_probe): each image's own
-    caption with only the class words replaced (shape, or colour and shape; first synonym), one
-    candidate per class, so candidates differ in the class words alone and have equal length.
+    caption, described again with only the class attribute changed (the shape, the colour, or
+    both), one candidate per class, so candidates differ in the class words alone.
     Returns (B lists of n_classes captions, labels (B,))."""
     n_classes, label = data.PROBE_TASKS[task]
     idx = np.arange(n, dtype=np.int64) + (1 << 41)         # the test split of data.shapes_probe
-    attrs = data.scene_attributes(seed + 12345, idx, n_objects=1)
-    n_col = len(data.COLOR_NAMES)
-    classes = ([(s, None) for s in range(len(data.SHAPES))] if task == "shape" else
-               [(c // n_col, c % n_col) for c in range(n_classes)])  # label = shape * n_colors + colour
+    attrs = data.scene_attributes(seed + data.PROBE_SEED, idx, n_objects=1, spread=data.PROBE_SPREAD)
     cands = []
     for i in range(n):
-        words = data.describe(attrs, i).split()
-        j = words.index(data.COLOR_NAMES[attrs["color"][i, 0]])   # "a <size> <colour> <shape> ..."
         row = []
-        for s, col in classes:
-            w = list(words)
-            w[j + 1] = data.SYNONYMS[data.SHAPES[s]][0]
-            if col is not None:
-                w[j] = data.COLOR_NAMES[col]
-            row.append(" ".join(w))
+        for c in range(n_classes):
+            a = {k: v[i:i + 1].copy() if isinstance(v, np.ndarray) else v for k, v in attrs.items()}  # scene i alone
+            if task == "shape":
+                a["shape"][0, 0] = c
+            elif task == "color":
+                a["color"][0, 0] = c
+            else:                                          # label = shape * n_colours + colour
+                a["shape"][0, 0], a["color"][0, 0] = divmod(c, len(data.COLORS))
+            row.append(data.describe(a, 0, order))
         cands.append(row)
     return cands, torch.from_numpy(label(attrs).astype(np.int64))
 
@@ -229,7 +227,7 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=No
     """Accuracy per scoring rule on (up to) n test images. None if the classes have no names."""
     kind, _, task = spec.partition(":")
     if kind == "shapes":
-        cands, labels = shapes_zeroshot(task or "shape", n, seed)
+        cands, labels = shapes_zeroshot(task or "shape", n, seed, cfg.order)
         imgs = data.dataset_tensors(ds)[0][:n]
         assert torch.equal(labels, data.dataset_tensors(ds)[1][:n]), "data.shapes_probe changed; update shapes_zeroshot"
     else:
@@ -253,18 +251,28 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=No
 
 
 def noun_phrases(words):
-    """Start indices of the synthetic grammar's noun phrases: "a <size> <colour> <shape>"."""
-    return [j for j in range(len(words) - 3) if words[j] == "a" and words[j + 2] in data.COLOR_NAMES]
+    """(start, end, index of the colour word) of the synthetic grammar's noun phrases:
+    "a <size> <colour> <shape>" (color_first) or "a <size> <shape> in <colour>" (shape_first)."""
+    out = []
+    for j in range(len(words) - 3):
+        if words[j] != "a":
+            continue
+        if words[j + 2] in data.COLOR_NAMES:
+            out.append((j, j + 4, j + 2))
+        elif words[j + 3:j + 4] == ["in"] and words[j + 4:j + 5] and words[j + 4] in data.COLOR_NAMES:
+            out.append((j, j + 5, j + 4))
+    return out
 
 
 def swap_attributes(caption):
-    """Colours of the first two objects swapped: "a small red circle above a big blue box" ->
-    "a small blue circle above a big red box". None if there is nothing to swap."""
+    """Colours of the first two objects swapped: "a small red circle above a large blue square" ->
+    "a small blue circle above a large red square". None if there is nothing to swap."""
     w = caption.split()
     nps = noun_phrases(w)
-    if len(nps) < 2 or w[nps[0] + 2] == w[nps[1] + 2]:
+    if len(nps) < 2 or w[nps[0][2]] == w[nps[1][2]]:
         return None
-    w[nps[0] + 2], w[nps[1] + 2] = w[nps[1] + 2], w[nps[0] + 2]
+    (_, _, ca), (_, _, cb) = nps[:2]
+    w[ca], w[cb] = w[cb], w[ca]
     return " ".join(w)
 
 
@@ -273,10 +281,12 @@ def swap_relation(caption):
     words: "A above B" -> "B above A" (ARO's VG-Relation). None if they are the same words."""
     w = caption.split()
     nps = noun_phrases(w)
-    if len(nps) < 2 or w[nps[0]:nps[0] + 4] == w[nps[1]:nps[1] + 4]:
+    if len(nps) < 2:
         return None
-    a, b = nps[0], nps[1]
-    return " ".join(w[:a] + w[b:b + 4] + w[a + 4:b] + w[a:a + 4] + w[b + 4:])
+    (a, a_end, _), (b, b_end, _) = nps[:2]
+    if w[a:a_end] == w[b:b_end]:
+        return None
+    return " ".join(w[:a] + w[b:b_end] + w[a_end:b] + w[a:a_end] + w[b_end:])
 
 
 def _resample(words, shuffle, rng, tries=20):
@@ -338,11 +348,10 @@ def compositional(model, cfg, tok, imgs, caps, synthetic=True, K=8, seed=0, batc
     return out
 
 
-def multi_object(val, n, seed):
+def multi_object(val, n):
     """(images, captions) of the first n validation scenes with two or more objects."""
     idx = np.arange(8 * n, dtype=np.int64)
-    many = idx[data.scene_attributes(seed, idx + val.offset)["n"] >= 2][:n]  # same draws as val.batch
-    return val.batch(many, 0)
+    return val.batch(idx[val.attributes(idx)["n"] >= 2][:n])   # the same draws as val.batch
 
 
 # -----------------------------------------------------------------------------
@@ -431,7 +440,19 @@ def caption_signal(model, cfg, tok, val, n, K=4, seed=0, batch_size=128):
     per_pos = diff.sum(0) / count.sum(0)                     # (L,)
     early, middle, late = [None if v != v else v for v in signal_thirds(diff, count, x)]  # nan -> None for JSON
     return {"signal early": early, "signal middle": middle, "signal late": late,
+            **signal_by_word_kind(diff, count, x, tok),
             "signal per position": [None if v != v else v for v in per_pos.tolist()]}
+
+
+def signal_by_word_kind(diff, count, x, tok):
+    """The same signal at the words of each kind of data.WORD_KINDS (shape, colour, size words):
+    {"signal shape word": nats or None, ...}; None where no caption has such a word."""
+    out = {}
+    for kind, words in data.WORD_KINDS.items():
+        at = torch.isin(x, torch.tensor([tok.stoi[w] for w in words if w in tok.stoi], dtype=x.dtype))  # (B, L)
+        n = (count * at).sum()
+        out[f"signal {kind} word"] = ((diff * at).sum() / n).item() if n > 0 else None
+    return out
 
 
 @torch.no_grad()
@@ -552,7 +573,7 @@ def pct(v):
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-SIGNAL = ("signal early", "signal middle", "signal late")  # nats, not %
+SIGNAL = ("signal early", "signal middle", "signal late", *(f"signal {k} word" for k in data.WORD_KINDS))  # nats, not %
 RAW = {**{k: "{:.3f}" for k in SIGNAL}, "enc logit max": "{:.1f}", "text logit max": "{:.1f}"}  # columns printed as they are
 
 
@@ -703,13 +724,14 @@ def main(argv):
             if do_zs and (zs := zeroshot(model, cfg, tok, te(), args.dataset, args.n_eval, args.K, args.seed, args.batch_size, rules)):
                 m["zero-shot"] = zs
             if do_comp or do_ret or do_sig or args.logits:
-                key = (captions, cfg.img_size)
+                key = (captions, cfg.img_size, cfg.tie, cfg.order)   # shapes: the model's own world
                 if key not in caption_sets:
-                    caption_sets[key] = data.build_caption_data(captions, img_size=cfg.img_size, seed=args.seed)[1]
+                    caption_sets[key] = data.build_caption_data(captions, img_size=cfg.img_size, seed=args.seed,
+                                                                tie=cfg.tie, order=cfg.order)[1]
                 val = caption_sets[key]
                 cap_synth = captions == "shapes"
                 if do_comp:
-                    imgs, caps = multi_object(val, args.n_eval, args.seed) if cap_synth else val.batch(np.arange(args.n_eval), 0)
+                    imgs, caps = multi_object(val, args.n_eval) if cap_synth else val.batch(np.arange(args.n_eval), 0)
                     m.update(compositional(model, cfg, tok, imgs, caps, cap_synth, args.K, args.seed, args.batch_size, rules))
                 if do_ret:
                     imgs, caps = val.batch(np.arange(args.n_retrieval), 0)

@@ -567,6 +567,41 @@ def pairs_of(ds):
     return {(os.path.basename(s), c) for s, caps in zip(ds.srcs, ds.captions) for c in caps}
 
 
+def test_tie_rate_holds_in_a_large_sample():
+    for tie in (0.0, 0.5, 0.9, 1.0):
+        a = data.Shapes(seed=3, tie=tie).attributes(np.arange(60000))
+        implied = a["shape"] == np.array(data.TIE_SHAPE)[a["color"]]        # (B, K)
+        want = tie + (1 - tie) / len(data.SHAPES)                            # a free draw hits it by chance too
+        assert abs(implied.mean() - want) < 0.01, (tie, implied.mean(), want)
+        # the colour is drawn the same way whatever the tie: only the shape follows it
+        assert np.abs(np.bincount(a["color"].ravel(), minlength=6) / a["color"].size - 1 / 6).max() < 0.01
+
+
+def test_the_probe_sets_shape_is_independent_of_its_colour():
+    _, y_shape, _, _, _ = data.shapes_probe("shape", 6000, 10)
+    _, y_color, _, _, _ = data.shapes_probe("color", 6000, 10)
+    joint = np.zeros((6, 6))
+    np.add.at(joint, (y_shape.numpy(), y_color.numpy()), 1)
+    expected = np.outer(joint.sum(1), joint.sum(0)) / joint.sum()
+    chi2 = ((joint - expected) ** 2 / expected).sum()
+    assert chi2 < 60, chi2                                       # 25 degrees of freedom: p < 1e-4 above 60
+    assert abs(np.trace(joint) / joint.sum() - 1 / 6) < 0.02    # the tied pairs at chance rate
+
+
+def test_shape_first_changes_the_word_order_and_nothing_else():
+    a, b = data.Shapes(seed=1, order="color_first"), data.Shapes(seed=1, order="shape_first")
+    ia, ca = a.batch(np.arange(300))
+    ib, cb = b.batch(np.arange(300))
+    assert torch.equal(ia, ib)                                   # the same scenes
+    for x, y in zip(ca, cb):
+        wx, wy = x.split(), y.split()
+        assert sorted(wx + ["in"] * wx.count("a")) == sorted(wy), (x, y)   # the same words, "in" before each colour
+        for np_x, np_y in zip(probe.noun_phrases(wx), probe.noun_phrases(wy)):
+            size, colour, shape = wx[np_x[0] + 1:np_x[1]]
+            assert wy[np_y[0]:np_y[1]] == ["a", size, shape, "in", colour]
+    assert any(len(x.split()) > 5 for x in ca)                   # two-object captions were among them
+
+
 def test_flickr_pairs_split_and_quoted_comma(tmp_path):
     rows = write_flickr(tmp_path)
     assert '"photo 0, with a comma"' in (tmp_path / "captions.txt").read_text()  # the csv module quoted it
@@ -956,14 +991,14 @@ def overfit_captions(objective, imgs, caps):
 
 @pytest.fixture(scope="module")
 def pairs():
-    """Six single-object test images of the synthetic probe, one per shape, with 7-word captions:
-    caption length (which the mdc decoder sees) cannot tell them apart, only the image can.
-    Returns (images, true captions, candidates: for image y, its caption with each shape word)."""
+    """Six single-object test images of the synthetic probe, one per shape. Their captions all have
+    four words ("a small red circle"), so caption length (which the mdc decoder sees) cannot tell
+    them apart, only the image can. Returns (images, true captions, candidates: for image y, its
+    caption with each shape word)."""
     cands, labels = probe.shapes_zeroshot("shape", 200)
     first = {}
-    for i, (row, y) in enumerate(zip(cands, labels.tolist())):
-        if len(row[0].split()) == 7:
-            first.setdefault(y, i)
+    for i, y in enumerate(labels.tolist()):
+        first.setdefault(y, i)
     idx = [first[y] for y in range(6)]
     imgs = data.probe_dataset("shapes", "test", img_size=16).tensors[0][idx]
     return imgs, [cands[i][y] for y, i in enumerate(idx)], [cands[i] for i in idx]
@@ -1010,7 +1045,7 @@ def test_elbo_score_draws_t_in_the_models_own_range():
 
 
 def test_shapes_zeroshot_candidates_differ_only_in_the_class_word():
-    for task in ("shape", "shape_color"):
+    for task in ("shape", "color", "shape_color"):
         cands, labels = probe.shapes_zeroshot(task, 50)
         _, ytest = data.probe_dataset(f"shapes:{task}", "test").tensors
         assert torch.equal(labels, ytest[:50])            # the same scenes as the probe's test split
@@ -1019,11 +1054,11 @@ def test_shapes_zeroshot_candidates_differ_only_in_the_class_word():
             assert len(row) == n_classes == len(set(row))
             assert len({len(c.split()) for c in row}) == 1
             differ = {j for c in row for j, (a, b) in enumerate(zip(c.split(), row[0].split())) if a != b}
-            assert len(differ) == (1 if task == "shape" else 2)
+            assert len(differ) == (2 if task == "shape_color" else 1)
 
 
 def test_a_corrupted_caption_never_equals_the_original_and_keeps_its_words():
-    imgs, caps = probe.multi_object(data.Shapes(seed=0, img_size=16, split="val"), 300, seed=0)
+    imgs, caps = probe.multi_object(data.Shapes(seed=0, img_size=16, split="val"), 300)
     caps = caps + ["a dog", "dog dog dog", "a man riding a horse on the beach .", "x"]
     rng = np.random.default_rng(0)
     made = {}
@@ -1038,10 +1073,13 @@ def test_a_corrupted_caption_never_equals_the_original_and_keeps_its_words():
 
 
 def test_relation_swap_reverses_the_relation():
-    c = "a small red circle above a big blue box"
-    assert probe.swap_relation(c) == "a big blue box above a small red circle"
-    assert probe.swap_attributes(c) == "a small blue circle above a big red box"
-    assert probe.swap_attributes("a small red circle above a big red box") is None
+    c = "a small red circle above a large blue square"
+    assert probe.swap_relation(c) == "a large blue square above a small red circle"
+    assert probe.swap_attributes(c) == "a small blue circle above a large red square"
+    assert probe.swap_attributes("a small red circle above a large red square") is None
+    c = "a small circle in red above a large square in blue"           # --order=shape_first
+    assert probe.swap_relation(c) == "a large square in blue above a small circle in red"
+    assert probe.swap_attributes(c) == "a small circle in blue above a large square in red"
 
 
 # -----------------------------------------------------------------------------
