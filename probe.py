@@ -754,7 +754,8 @@ def main(argv):
     print(format_table(results))
     if do_sig:
         print("signal early / middle / late: mean CE(mismatched image) - CE(true image) in nats over the "
-              "first, middle and last third of each caption; mdc at its training t ~ U(t_min, 1)")
+              "first, middle and last third of each caption, and at the shape / colour / size words; mdc at its "
+              "training t ~ U(t_min, 1)")
     if args.plot:
         plot_signal(results, args.plot)
         print(f"wrote {args.plot}")

@@ -1115,6 +1115,20 @@ def test_signal_thirds_follow_each_captions_own_length():
     assert probe.signal_thirds(diff * half, half, x) == [1.0, 2.0, 3.0]
 
 
+def test_signal_by_word_kind_averages_over_the_words_of_each_kind():
+    tok = data.Tokenizer.build(["a small red circle left of a large blue square"])
+    x = tok.batch(["a small red circle", "a large blue square left of a small red circle"], 12)   # (2, 12)
+    word = lambda w: (x == tok.stoi[w]).float()
+    diff = 2.0 * (word("circle") + word("square")) + 5.0 * word("red") + 1.0 * word("a")   # nats per position
+    count = (x != PAD).float()
+    out = probe.signal_by_word_kind(diff * count, count, x, tok)
+    assert out["signal shape word"] == 2.0 and math.isclose(out["signal colour word"], 10 / 3, rel_tol=1e-6)  # red, red, blue
+    assert out["signal size word"] == 0.0
+    half = count.clone()
+    half[0] = 0                                           # uncounted positions are left out
+    assert probe.signal_by_word_kind(diff * half, half, x, tok)["signal colour word"] == 2.5
+
+
 def test_caption_signal_never_pairs_a_caption_with_its_own_image(models, monkeypatch):
     model, cfg, tok = models["ar"]
     sizes, real = [], probe.signal_terms
