@@ -961,9 +961,10 @@ GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "
 
 
 def bench(cfg, model, opt, tok, stream, rank=0, world=1):
-    """Median time of train_step (with device_batch, as in the loop) on one batch, images/s and
-    MFU: FLOPs counted by FlopCounterMode (forward + backward) against the card's nominal bf16
-    peak on CUDA, or against a fp32 matmul peak measured now on a CPU."""
+    """Median time of train_step (with device_batch, as in the loop) on one precomputed batch,
+    images/s and MFU: FLOPs counted by FlopCounterMode (forward + backward) against the card's
+    nominal bf16 peak on CUDA, or against a fp32 matmul peak measured now on a CPU; then the
+    median time data.batches takes to produce a batch, which a single process adds to every step."""
     from torch.utils.flop_counter import FlopCounterMode
     imgs, caps = next(stream)
     device = imgs.device
@@ -982,6 +983,12 @@ def bench(cfg, model, opt, tok, stream, rank=0, world=1):
         sync()
         times.append(time.perf_counter() - t)
     dt = float(np.median(times))
+    feed = []  # producing a batch (rendering shapes, or reading and decoding images) happens before the step
+    for _ in range(cfg.bench_steps):
+        t = time.perf_counter()
+        next(stream)
+        feed.append(time.perf_counter() - t)
+    feed = float(np.median(feed))
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
@@ -994,9 +1001,11 @@ def bench(cfg, model, opt, tok, stream, rank=0, world=1):
         print(f"bench {cfg.objective} {cfg.model} img {cfg.img_size} batch {B}: median step {dt * 1000:.1f} ms | "
               f"{B / dt:.1f} img/s | {B * cfg.max_len / dt:.0f} caption tokens/s | {flops / B / 1e9:.2f} GFLOP/img | "
               f"{flops / dt / 1e12:.3f} TFLOP/s | MFU {100 * mfu:.1f}% of {peak_txt} ({(peak or 0) / 1e12:.3f} TFLOP/s)")
+        print(f"data: median {feed * 1000:.1f} ms to produce a batch of {cfg.data} ({100 * feed / dt:.0f}% of a step); "
+              f"with it, {B / (dt + feed):.1f} img/s in one process")
         if device.type == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    return dict(step_s=dt, img_s=B / dt, flops=flops, mfu=mfu, peak=peak)
+    return dict(step_s=dt, img_s=B / dt, flops=flops, mfu=mfu, peak=peak, data_s=feed)
 
 
 # -----------------------------------------------------------------------------

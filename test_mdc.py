@@ -285,7 +285,7 @@ def test_train_calls_back_with_every_log_row_and_the_validation_loss(tmp_path):
 
 def test_bench_times_the_training_step(tmp_path, capsys):
     out = run_train(tmp_path, "--bench", "--bench_steps=2")
-    assert out["step_s"] > 0 and out["flops"] > 0 and 0 < out["mfu"] < 10
+    assert out["step_s"] > 0 and out["data_s"] > 0 and out["flops"] > 0 and 0 < out["mfu"] < 10
     assert "img/s" in capsys.readouterr().out
 
 
