@@ -72,7 +72,7 @@ class UniformLogits(nn.Module):
 # objectives
 
 
-@pytest.mark.parametrize("objective", mdc.OBJECTIVES)
+@pytest.mark.parametrize("objective", ["mdc", "ar", "cappa", "clip", "siglip"])  # the masked-image ones: their section
 def test_every_objective_gives_a_finite_scalar_and_gradients(objective):
     cfg = tiny_cfg(f"--objective={objective}")
     imgs, x, tok = tiny_batch(cfg)
