@@ -352,8 +352,9 @@ class Model(nn.Module):
             # CLIP: s = exp(log_s), init 1/0.07; SigLIP: s = 10, b = -10
             init_s, init_b = (10.0, -10.0) if cfg.objective == "siglip" else (1 / 0.07, 0.0)
             self.log_scale = nn.Parameter(torch.tensor(math.log(init_s)))
-            if cfg.objective != "rils":  # rils would never use it (DDP wants every parameter used)
-                self.logit_bias = nn.Parameter(torch.tensor(init_b))
+            if cfg.objective != "rils":  # SigLIP's bias; clip keeps it frozen at 0 (so its checkpoints keep
+                # their keys) and rils has none: DDP wants every trainable parameter used every step
+                self.logit_bias = nn.Parameter(torch.tensor(init_b), requires_grad=cfg.objective == "siglip")
         elif cfg.objective in ("mdc", "ar", "cappa"):
             self.head = nn.Linear(cfg.width, vocab_size, bias=False)
         P = 3 * cfg.patch_size ** 2                                          # pixels per patch
@@ -519,10 +520,15 @@ def cappa_loss(model, imgs, x, u, r, cfg):
     return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
 
 
+def bare(model):
+    """The Model itself, also when DistributedDataParallel wraps it (as .module)."""
+    return getattr(model, "module", model)
+
+
 def clip_loss(model, imgs, x, u, r, cfg):
     """CLIP: symmetric cross-entropy over the batch's image-text similarities."""
     img, txt = model(imgs, x, x != PAD)                                 # (B, D) each
-    logits = model.log_scale.exp().clamp(max=100) * img @ txt.T         # (B, B)
+    logits = bare(model).log_scale.exp().clamp(max=100) * img @ txt.T         # (B, B)
     labels = torch.arange(len(x), device=x.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2, len(x)
 
@@ -530,7 +536,7 @@ def clip_loss(model, imgs, x, u, r, cfg):
 def siglip_loss(model, imgs, x, u, r, cfg):
     """SigLIP: every image-text pair is a binary problem, +1 on the diagonal, -1 elsewhere."""
     img, txt = model(imgs, x, x != PAD)
-    logits = model.log_scale.exp() * img @ txt.T + model.logit_bias     # (B, B)
+    logits = bare(model).log_scale.exp() * img @ txt.T + bare(model).logit_bias   # (B, B)
     z = 2 * torch.eye(len(x), device=x.device) - 1
     return -F.logsigmoid(z * logits).sum() / len(x), len(x)
 
@@ -540,11 +546,6 @@ def siglip_loss(model, imgs, x, u, r, cfg):
 # light PatchDecoder fills in the rest: pixels (mae, umd), a frozen teacher's features (milan), or
 # distributions over the batch's captions (rils, which also trains clip_loss). Which patches are
 # hidden is decided by the patch block of r, so the masks are a pure function of (seed, step).
-
-
-def bare(model):
-    """The Model itself, also when DistributedDataParallel wraps it (as .module)."""
-    return getattr(model, "module", model)
 
 
 def patch_noise(r, cfg):
