@@ -646,7 +646,9 @@ def teacher_tokens(model, imgs):
     """milan's targets and mask weights from the frozen teacher: (its image tokens after the final
     norm, projected by its img_proj (B, N, Dt), importance (B, N)). MILAN weights patches by the
     teacher's last-block attention from [CLS]; this ViT has no [CLS], so (an adaptation) the query
-    is the mean of the last block's input tokens, its attention over the patches averaged over heads."""
+    is the mean of the last block's normalised input tokens, its attention over the patches averaged
+    over heads. The targets are all tokens, projected, as MILAN's (CLIP's output tokens after its
+    final norm and projection)."""
     enc = model.teacher
     h = enc.embed(imgs)                                                      # (B, N, Dt)
     for blk in enc.blocks[:-1]:
@@ -691,7 +693,8 @@ def rils_loss(model, imgs, x, u, r, cfg):
     visible patches go through a one-block decoder that predicts every patch. Student and teacher
     patches become distributions over the batch's captions (temperatures 0.1 and 0.04); loss =
     L_clip + 0.5 KL(teacher || student), averaged over the masked patches of the images whose
-    best-scoring caption is their own (none in the batch: that term is 0)."""
+    best-scoring caption is their own (none in the batch: that term is 0). Under DDP each rank's
+    captions are its own, as in clip_loss."""
     keep, masked = keep_first(patch_noise(r, cfg), cfg.mask_ratio)          # (B, K), (B, N)
     img, txt, pred, full = model(imgs, x, x != PAD, keep=keep)              # (B, D') x 2, (B, N, D) x 2
     m = bare(model)
