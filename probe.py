@@ -679,6 +679,8 @@ def main(argv):
     do_sig = on(args.signal, synthetic or args.captions is not None)
     captions = args.captions or "shapes"
     encs = load_encoders(args.ckpt, args.model, args.img_size, args.seed, device)
+    if not any(e["kind"] == "ckpt" and RULES[e["cfg"].objective] for e in encs):  # no encoder here scores captions
+        do_zs = do_comp = do_ret = do_sig = False
     datasets, caption_sets, results = {}, {}, {"command": command, "machine": machine(), "device": str(device),
                                                "args": vars(args), "encoders": []}
     for e in encs:
