@@ -8,7 +8,9 @@ Owens 2025, following MDLM/LLaDA). After training the decoder is dropped and the
 encoder is judged by a linear probe. The baselines share the same encoder and
 decoder and differ only in corruption and attention: `ar` (autoregressive
 captioning), `cappa` (CapPa's parallel prediction) and `clip`/`siglip`
-(contrastive, the decoder becomes a text encoder).
+(contrastive, the decoder becomes a text encoder). The masked-image objectives
+`mae`, `umd`, `milan` and `rils` (their own section, after the others) show the
+same ViT only a quarter of the patches and train it to fill in the rest.
 
     python mdc.py                       # MDC on the built-in synthetic data, CPU, minutes
     python mdc.py --objective=ar        # the same with autoregressive captioning
@@ -41,7 +43,7 @@ from data import BOS, MASK, PAD
 @dataclass
 class Config:
     # what to train
-    objective: str = "mdc"      # mdc | ar | cappa | clip | siglip
+    objective: str = "mdc"      # mdc | ar | cappa | clip | siglip | mae | umd | milan | rils
     model: str = "tiny"         # size preset (PRESETS below); explicit flags override it
     data: str = "shapes"        # shapes | coco:ROOT | flickr:ROOT | csv:FILE | wds:DIR | cache:DIR
     image_col: str = "image"    # --data=csv:FILE: the image path column
@@ -70,6 +72,12 @@ class Config:
     freeze_encoder: bool = False  # train the text side only, on the ViT at its random init (a text-prior floor)
     qk_norm: bool = False       # LayerNorm on queries and keys: bounds attention logits (stability)
     z_loss: float = 0.0         # weight of log(Z)^2 on the decoder's logits (stability, PaLM)
+    # masked-image objectives (mae, umd, milan, rils)
+    mask_ratio: float = 0.75    # fraction of patches hidden from the encoder (MAE, MILAN, RILS; umd's clean half)
+    umd_mask_noised: float = 0.375  # umd: fraction hidden in the noised half (UMD, configs/ae_i1k.py)
+    mim_width: int = 128        # width of the light patch decoder; heads of 32 channels, as MAE's (512 wide, 16 heads)
+    mim_depth: int = 2          # its blocks (MAE: 8, UMD: 4 at ViT-B); rils always uses one, as RILS
+    teacher: str = ""           # milan: a clip or siglip checkpoint of this project, same data, img_size and patch_size
     # optimisation
     batch_size: int = 128       # global batch, split across DDP processes
     steps: int = 800            # optimisation steps (the cosine schedule ends here)
@@ -100,11 +108,11 @@ class Config:
 PRESETS = {  # DiT-style named sizes
     "tiny": dict(img_size=32, patch_size=4, width=128, enc_depth=4, dec_depth=2, heads=4),  # CPU, minutes
     "small": dict(img_size=224, patch_size=16, width=384, enc_depth=12, dec_depth=6, heads=6,  # ViT-S/16, one GPU
-                  batch_size=256, lr=1e-3, steps=20000, max_len=32),
+                  batch_size=256, lr=1e-3, steps=20000, max_len=32, mim_width=384, mim_depth=4),  # decoder: UMD's
     "base": dict(img_size=224, patch_size=16, width=768, enc_depth=12, dec_depth=6, heads=12,  # ViT-B/16, as CapPa
-                 batch_size=256, lr=1e-3, steps=20000, max_len=32),
+                 batch_size=256, lr=1e-3, steps=20000, max_len=32, mim_width=512, mim_depth=8),  # decoder: MAE's
 }
-OBJECTIVES = ("mdc", "ar", "cappa", "clip", "siglip")
+OBJECTIVES = ("mdc", "ar", "cappa", "clip", "siglip", "mae", "umd", "milan", "rils")
 
 
 UsageError = data.UsageError  # a mistake at the command line: one line, exit status 2 (data.command_line)
@@ -156,6 +164,7 @@ def parse_args(argv):
 def check_config(c):
     """Every value in range, or a UsageError naming the flag, the value and what it must be."""
     kind = c.data.partition(":")[0]
+    n_patches = (c.img_size // max(c.patch_size, 1)) ** 2
     rules = [
         ("objective", c.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
         ("data", kind in data.CAPTION_KINDS_LIST, data.CAPTION_KINDS),
@@ -183,6 +192,11 @@ def check_config(c):
         ("eval_every", c.eval_every >= 0, ">= 0 (0 = never)"), ("ckpt_every", c.ckpt_every >= 1, ">= 1"),
         ("log_every", c.log_every >= 1, ">= 1"), ("sample_steps", c.sample_steps >= 0, ">= 0 (0 = one token per step)"),
         ("stop_after", c.stop_after >= 0, ">= 0 (0 = run to --steps)"), ("bench_steps", c.bench_steps >= 1, ">= 1"),
+        ("mask_ratio", all(1 <= int(n_patches * (1 - m)) < n_patches for m in (c.mask_ratio, c.umd_mask_noised)),
+         f"such that at least one of the {n_patches} patches is visible and one hidden (so must --umd_mask_noised)"),
+        ("mim_width", c.mim_width > 0 and c.mim_width % 32 == 0, "a multiple of 32 (decoder heads of 32 channels)"),
+        ("teacher", c.objective != "milan" or os.path.isfile(c.teacher),
+         "a clip or siglip checkpoint of this project trained on the same data (--objective=milan needs it)"),
     ]
     for key, ok, want in rules:
         if not ok:
@@ -277,9 +291,16 @@ class ViT(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, imgs):
+    def embed(self, imgs):
         x = self.patch((imgs - self.mean) / self.std)         # (B, D, S/p, S/p)
-        x = x.flatten(2).transpose(1, 2) + self.pos           # (B, N, D)
+        return x.flatten(2).transpose(1, 2) + self.pos        # (B, N, D), row-major patches
+
+    def forward(self, imgs, keep=None):
+        """keep: None, or (B, K) indices of the patches the encoder sees (the masked-image objectives,
+        MAE's asymmetric encoder); each keeps its own position, added before the gather."""
+        x = self.embed(imgs)                                  # (B, N, D)
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[2]))   # (B, K, D) visible patches only
         for blk in self.blocks:
             x = blk(x)
         return self.ln(x)
@@ -322,26 +343,106 @@ class TextTransformer(nn.Module):
         return self.ln(x)
 
 
-class Model(nn.Module):
-    """Encoder + decoder (captioning objectives) or encoder + text encoder (clip, siglip)."""
+def time_embedding(t, dim):
+    """(B,) diffusion steps -> (B, dim) sin-cos features of t (the DDPM/ADM timestep embedding)."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))  # (dim/2,)
+    ang = t.float()[:, None] * freqs[None]                                  # (B, dim/2)
+    return torch.cat([ang.cos(), ang.sin()], 1)                             # (B, dim)
 
-    def __init__(self, cfg, vocab_size, len_hist=None):
+
+class PatchDecoder(nn.Module):
+    """The light decoder of the masked-image objectives (MAE, He et al. 2021, models_mae.py): the
+    encoder's tokens of the visible patches v (B, K, D) at indices keep (B, K) -> a prediction
+    (B, N, out) for every patch. Masked positions start as one learned mask token; fixed sin-cos
+    positions tell them apart. time=True (umd): t (B,) enters as a token prepended in every block
+    (UMD's adaln=False variant: it needs no change to Block; UMD's default is AdaLN). prompting=True
+    (milan): only the mask tokens are updated; the visible ones stay fixed keys and values (MILAN's
+    "prompting decoder", models_milan.py)."""
+
+    def __init__(self, cfg, out, depth, time=False, prompting=False):
         super().__init__()
-        self.contrastive = cfg.objective in ("clip", "siglip")
+        W = cfg.mim_width
+        self.embed = nn.Linear(cfg.width, W)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, W) * 0.02)        # MAE: normal, std 0.02
+        self.register_buffer("pos", sincos_2d(cfg.img_size // cfg.patch_size, W), persistent=False)
+        self.time = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.Linear(W, W)) if time else None
+        self.prompting = prompting
+        self.blocks = nn.ModuleList(Block(W, W // 32, cfg.mlp_ratio, cfg.qk_norm) for _ in range(depth))
+        self.ln = nn.LayerNorm(W)
+        self.head = nn.Linear(W, out)
+
+    def forward(self, v, keep, t=None):
+        B, K, _ = v.shape
+        _, N, W = self.pos.shape
+        h = self.embed(v)                                                    # (B, K, W)
+        idx = keep[..., None].expand(B, K, W)                                # (B, K, W)
+        x = self.mask_token.to(h.dtype).expand(B, N, W).scatter(1, idx, h) + self.pos  # (B, N, W) back in place
+        visible = torch.zeros(B, N, 1, dtype=torch.bool, device=v.device).scatter(1, keep[..., None], True)
+        fixed = x
+        tt = None if self.time is None else self.time(time_embedding(t, W))[:, None]  # (B, 1, W)
+        for blk in self.blocks:
+            x = blk(x) if tt is None else blk(torch.cat([tt, x], 1))[:, 1:]   # (B, N, W)
+            if self.prompting:  # the visible tokens are keys and values, never queries that change
+                x = torch.where(visible, fixed, x)
+        return self.head(self.ln(x))                                          # (B, N, out)
+
+
+class Model(nn.Module):
+    """Encoder + decoder (captioning objectives), encoder + text encoder (clip, siglip), encoder +
+    patch decoder (mae, umd, milan; milan also holds its frozen teacher) or both (rils)."""
+
+    def __init__(self, cfg, vocab_size, len_hist=None, teacher_cfg=None):
+        super().__init__()
+        self.objective = cfg.objective
+        self.contrastive = cfg.objective in ("clip", "siglip", "rils")
         self.encoder = ViT(cfg)
-        self.text = TextTransformer(cfg, vocab_size, cross=not self.contrastive)
+        if cfg.objective not in ("mae", "umd", "milan"):
+            self.text = TextTransformer(cfg, vocab_size, cross=not self.contrastive)
         if self.contrastive:
             self.img_proj = nn.Linear(cfg.width, cfg.width, bias=False)
             self.txt_proj = nn.Linear(cfg.width, cfg.width, bias=False)
             # CLIP: s = exp(log_s), init 1/0.07; SigLIP: s = 10, b = -10
-            init_s, init_b = (1 / 0.07, 0.0) if cfg.objective == "clip" else (10.0, -10.0)
+            init_s, init_b = (10.0, -10.0) if cfg.objective == "siglip" else (1 / 0.07, 0.0)
             self.log_scale = nn.Parameter(torch.tensor(math.log(init_s)))
-            self.logit_bias = nn.Parameter(torch.tensor(init_b))
-        else:
+            if cfg.objective != "rils":  # SigLIP's bias; clip keeps it frozen at 0 (so its checkpoints keep
+                # their keys) and rils has none: DDP wants every trainable parameter used every step
+                self.logit_bias = nn.Parameter(torch.tensor(init_b), requires_grad=cfg.objective == "siglip")
+        elif cfg.objective in ("mdc", "ar", "cappa"):
             self.head = nn.Linear(cfg.width, vocab_size, bias=False)
+        P = 3 * cfg.patch_size ** 2                                          # pixels per patch
+        if cfg.objective == "mae":
+            self.decoder = PatchDecoder(cfg, P, cfg.mim_depth)
+        elif cfg.objective == "umd":                                        # x0 and eps of every patch
+            self.decoder = PatchDecoder(cfg, 2 * P, cfg.mim_depth, time=True)
+        elif cfg.objective == "rils":                                       # RILS: one block, back to encoder width
+            self.decoder = PatchDecoder(cfg, cfg.width, 1)
+        elif cfg.objective == "milan":
+            if teacher_cfg is None:
+                raise ValueError("milan's Model needs its teacher's Config (load_teacher or the checkpoint has it)")
+            # the teacher: a clip/siglip image encoder and its projection, frozen, stored in every
+            # checkpoint (a few MB at these sizes), so a milan checkpoint loads on its own
+            self.teacher_cfg = teacher_cfg
+            self.teacher = ViT(teacher_cfg)
+            self.teacher_proj = nn.Linear(teacher_cfg.width, teacher_cfg.width, bias=False)
+            self.decoder = PatchDecoder(cfg, teacher_cfg.width, cfg.mim_depth, prompting=True)
         # caption-length prior (counts of lengths incl. [EOS]); mdc generation draws L' from it
         self.register_buffer("len_hist", torch.ones(cfg.max_len + 1) if len_hist is None else len_hist.float())
         self.apply(self._init)
+        if cfg.objective == "milan":
+            self.teacher.requires_grad_(False)
+            self.teacher_proj.requires_grad_(False)
+            self.teacher.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if hasattr(self, "teacher"):  # milan's teacher stays in eval mode whatever the student does
+            self.teacher.eval()
+        return self
+
+    def copy_teacher(self, clip):
+        """milan: take a clip/siglip Model's image encoder and image projection as the frozen teacher."""
+        self.teacher.load_state_dict(clip.encoder.state_dict())
+        self.teacher_proj.load_state_dict(clip.img_proj.state_dict())
 
     @staticmethod
     def _init(m):
@@ -366,9 +467,14 @@ class Model(nn.Module):
         txt = F.normalize(self.txt_proj(h[torch.arange(len(h)), eos]), dim=-1)
         return img, txt
 
-    def forward(self, imgs, tokens, real, causal=False):
+    def forward(self, imgs, tokens=None, real=None, causal=False, keep=None, t=None):
         # the single entry point, so DistributedDataParallel sees every parameter used
-        v = self.encoder(imgs)
+        if self.objective == "rils":  # two encoder passes: the whole image, and its visible patches
+            full = self.encoder(imgs)                                        # (B, N, D)
+            return (*self.embed(full, tokens, real), self.decoder(self.encoder(imgs, keep), keep), full)
+        v = self.encoder(imgs, keep)                                         # (B, N, D), or (B, K, D) visible
+        if keep is not None:  # mae, umd, milan: a prediction for every patch
+            return self.decoder(v, keep, t)
         return self.embed(v, tokens, real) if self.contrastive else self.decode(tokens, v, real, causal)
 
 
@@ -384,16 +490,21 @@ def sample_t(u, t_min):
 
 
 def draw_noise(cfg, B, step, salt=0):
-    """Uniforms for the global batch at `step`: u (B,) picks t (or the cappa branch),
-    r (B, L) decides which tokens are masked. A pure function of (seed, step), so a resumed
-    run and a DDP run (each rank slices the global draw) see the same noise."""
+    """Uniforms for the global batch at `step`: u (B,) picks t (or the cappa branch, or umd's
+    half and step); r (B, max_len + N) is two blocks: r[:, :max_len] decides which caption tokens
+    are masked, r[:, max_len:] (patch_noise) which of the N image patches are. A pure function of
+    (seed, step), so a resumed run and a DDP run (each rank slices the global draw) see the same
+    noise. One wide r rather than a third tensor keeps every loss's signature and train_step's
+    slicing as they were; the caption block is drawn first, so it is the same as before."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
     if cfg.antithetic:  # MDLM: u_i = (u0 + i/B) mod 1 spreads t evenly over the batch
         u = (torch.rand(1, generator=g) + torch.arange(B) / B) % 1
         u = u[torch.randperm(B, generator=g)]  # so no rank gets only the small t's
     else:
         u = torch.rand(B, generator=g)
-    return u, torch.rand(B, cfg.max_len, generator=g)
+    caption = torch.rand(B, cfg.max_len, generator=g)
+    patches = torch.rand(B, (cfg.img_size // cfg.patch_size) ** 2, generator=g)
+    return u, torch.cat([caption, patches], 1)
 
 
 def corrupt(x, t, r):
@@ -461,10 +572,15 @@ def cappa_loss(model, imgs, x, u, r, cfg):
     return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
 
 
+def bare(model):
+    """The Model itself, also when DistributedDataParallel wraps it (as .module)."""
+    return getattr(model, "module", model)
+
+
 def clip_loss(model, imgs, x, u, r, cfg):
     """CLIP: symmetric cross-entropy over the batch's image-text similarities."""
     img, txt = model(imgs, x, x != PAD)                                 # (B, D) each
-    logits = model.log_scale.exp().clamp(max=100) * img @ txt.T         # (B, B)
+    logits = bare(model).log_scale.exp().clamp(max=100) * img @ txt.T         # (B, B)
     labels = torch.arange(len(x), device=x.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2, len(x)
 
@@ -472,12 +588,181 @@ def clip_loss(model, imgs, x, u, r, cfg):
 def siglip_loss(model, imgs, x, u, r, cfg):
     """SigLIP: every image-text pair is a binary problem, +1 on the diagonal, -1 elsewhere."""
     img, txt = model(imgs, x, x != PAD)
-    logits = model.log_scale.exp() * img @ txt.T + model.logit_bias     # (B, B)
+    logits = bare(model).log_scale.exp() * img @ txt.T + bare(model).logit_bias   # (B, B)
     z = 2 * torch.eye(len(x), device=x.device) - 1
     return -F.logsigmoid(z * logits).sum() / len(x), len(x)
 
 
-LOSSES = {"mdc": mdc_loss, "ar": ar_loss, "cappa": cappa_loss, "clip": clip_loss, "siglip": siglip_loss}
+# -----------------------------------------------------------------------------
+# Masked-image objectives: the encoder sees a subset of the patches (ViT(imgs, keep)) and the
+# light PatchDecoder fills in the rest: pixels (mae, umd), a frozen teacher's features (milan), or
+# distributions over the batch's captions (rils, which also trains clip_loss). Which patches are
+# hidden is decided by the patch block of r, so the masks are a pure function of (seed, step).
+
+
+def patch_noise(r, cfg):
+    """The per-patch uniforms (B, N) of draw_noise's r (B, max_len + N)."""
+    return r[:, cfg.max_len:]
+
+
+def keep_first(keys, ratio):
+    """Patches ordered by keys (B, N), smallest first; the first N(1 - ratio) stay visible (MAE's
+    random_masking: argsort of uniforms). Returns (keep (B, K) indices, masked (B, N) bool, True =
+    hidden from the encoder)."""
+    B, N = keys.shape
+    keep = keys.argsort(dim=1, stable=True)[:, :int(N * (1 - ratio))]          # (B, K)
+    masked = torch.ones(B, N, dtype=torch.bool, device=keys.device).scatter(1, keep, False)
+    return keep, masked
+
+
+def patchify(imgs, p):
+    """(B, 3, S, S) -> (B, N, p*p*3): each patch's pixels, patches row-major like the ViT's tokens."""
+    B, C, S, _ = imgs.shape
+    h = S // p
+    x = imgs.reshape(B, C, h, p, h, p)                                       # (B, 3, h, p, w, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, h * h, p * p * C)          # (B, N, p*p*3)
+
+
+def mae_loss(model, imgs, x, u, r, cfg):
+    """MAE (He et al. 2021, facebookresearch/mae models_mae.py): the encoder sees a random quarter of
+    the patches; the decoder predicts the pixels of every patch, each normalised by its own mean and
+    variance (norm_pix_loss); the MSE is averaged over the masked patches only."""
+    keep, masked = keep_first(patch_noise(r, cfg), cfg.mask_ratio)          # (B, K), (B, N)
+    pred = model(imgs, keep=keep)                                            # (B, N, p*p*3)
+    # targets from the raw [0, 1] pixels; the ViT normalises its own input by the ImageNet mean/std
+    # (MAE patchifies its already normalised input; per-patch normalisation leaves only the
+    # per-channel scale of that difference)
+    target = patchify(imgs, cfg.patch_size)                                  # (B, N, p*p*3)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    err = ((pred.float() - target) ** 2).mean(-1)                           # (B, N) per patch
+    n = masked.sum()
+    return (err * masked).sum() / n, n
+
+
+def cosine_alpha_bar(T=1000, s=0.008):
+    """abar[k], k = 0..T-1 (k = 0: one step of noise), of the cosine schedule (Nichol & Dhariwal 2021)
+    built as UMD builds it (gaussian_diffusion.py): betas from f(i) = cos((i/T + s)/(1 + s) pi/2)^2,
+    beta_k = min(1 - f(k+1)/f(k), 0.999), abar = cumprod(1 - beta)."""
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    return torch.cumprod(1 - (1 - f[1:] / f[:-1]).clamp(max=0.999), 0).float()   # (T,)
+
+
+def pixel_noise(seeds, shape):
+    """Standard normal noise (B, *shape), image i's from a generator seeded by its own two uniforms
+    seeds[i] (B, 2): the same image gets the same noise on whichever DDP rank, or in a resumed run.
+    Reading the seeds waits for the device once per step; this is umd's only cost of exactness."""
+    ints = (seeds.double() * 2 ** 24).long().tolist()                         # 24 bits from each uniform
+    gens = [torch.Generator(seeds.device).manual_seed(a * 2 ** 24 + b) for a, b in ints]
+    return torch.stack([torch.randn(shape, generator=g, device=seeds.device) for g in gens])
+
+
+def umd_loss(model, imgs, x, u, r, cfg):
+    """UMD (philippe-eecs/small-vision, trainers/train_ae.py): half of the batch is an MAE step
+    (clean, 75% masked, MSE to the clean pixels x0 on masked patches); the other half is noised at
+    a diffusion step t ~ U{0..999} (cosine schedule, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps) and
+    37.5% masked, and the decoder, told t, predicts eps on the visible patches and x0 on the masked
+    ones, each half-weighted. Total 0.5 L_noised + 0.5 L_clean; pixels in [-1, 1], no per-patch
+    normalisation. Probe features are the encoder's on clean, unmasked images (UMD: t = 0, no mask);
+    UMD also tells its encoder t, here only the decoder is told, so the encoder is the shared ViT."""
+    noised = u < 0.5                                      # (B,) half the global batch: exactly, with antithetic u, B even
+    step = (2 * u * 1000).long().clamp(max=999)           # (B,) t ~ U{0..999} for the noised rows
+    abar = torch.where(noised, cosine_alpha_bar().to(u.device)[step], 1.0).view(-1, 1, 1, 1)  # clean: 1
+    x0 = 2 * imgs - 1                                     # (B, 3, S, S) in [-1, 1]
+    eps = pixel_noise(r[:, :2], imgs.shape[1:])           # umd reads no caption: its caption uniforms seed eps
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps       # the clean rows stay x0
+    x0p, epsp = patchify(x0, cfg.patch_size), patchify(eps, cfg.patch_size)   # (B, N, P) targets
+    P = x0p.shape[2]
+    total = 0.0
+    # one pass per half (their numbers of visible patches differ); the decoder is told 0 for the
+    # clean half and t + 1 for the noised one, as UMD does
+    for is_noised, ratio in ((False, cfg.mask_ratio), (True, cfg.umd_mask_noised)):
+        rows = noised if is_noised else ~noised
+        if not rows.any():
+            continue
+        keep, masked = keep_first(patch_noise(r, cfg)[rows], ratio)         # (b, K), (b, N)
+        tell = torch.where(noised, step + 1, 0)[rows]                        # (b,)
+        pred = model((xt[rows] + 1) / 2, keep=keep, t=tell).float()         # (b, N, 2P); the ViT takes [0, 1]
+        x0_err = ((pred[..., :P] - x0p[rows]) ** 2).mean(-1)                 # (b, N)
+        per_image = (x0_err * masked).sum(1) / masked.sum(1)                 # (b,) x0 MSE on masked patches
+        if is_noised:
+            eps_err = ((pred[..., P:] - epsp[rows]) ** 2).mean(-1)           # (b, N)
+            per_image = 0.5 * per_image + 0.5 * (eps_err * ~masked).sum(1) / (~masked).sum(1)
+        total = total + per_image.sum()
+    # the mean over images is 0.5 L_noised + 0.5 L_clean when the halves are equal, and a mean over
+    # images is what DDP's renormalisation by the global count keeps exact
+    return total / len(x), len(x)
+
+
+@torch.no_grad()
+def teacher_tokens(model, imgs):
+    """milan's targets and mask weights from the frozen teacher: (its image tokens after the final
+    norm, projected by its img_proj (B, N, Dt), importance (B, N)). MILAN weights patches by the
+    teacher's last-block attention from [CLS]; this ViT has no [CLS], so (an adaptation) the query
+    is the mean of the last block's normalised input tokens, its attention over the patches averaged
+    over heads. The targets are all tokens, projected, as MILAN's (CLIP's output tokens after its
+    final norm and projection)."""
+    enc = model.teacher
+    h = enc.embed(imgs)                                                      # (B, N, Dt)
+    for blk in enc.blocks[:-1]:
+        h = blk(h)
+    last = enc.blocks[-1]
+    z = last.ln1(h)
+    q, k, _ = last.attn.heads_qkv(torch.cat([z.mean(1, keepdim=True), z], 1))   # (B, H, 1 + N, hd)
+    att = (q[:, :, :1] @ k[:, :, 1:].transpose(-1, -2) / q.shape[-1] ** 0.5).float().softmax(-1)  # (B, H, 1, N)
+    return model.teacher_proj(enc.ln(last(h))), att.mean(1)[:, 0]
+
+
+def proportional_keys(u, w):
+    """Sampling without replacement in proportion to weights w (B, N) from uniforms u (B, N): the
+    order of the exponential keys -log(u) / w, smallest first, is such a sample (Efraimidis &
+    Spirakis 2006; Gumbel-top-k in another form), so it stays a pure function of the uniforms."""
+    return -torch.log(u) / w.clamp(min=1e-12)
+
+
+def milan_loss(model, imgs, x, u, r, cfg):
+    """MILAN (zejiangh/MILAN, models_milan.py): the targets are a frozen language-aligned teacher's
+    patch features (here a clip/siglip checkpoint of this project, --teacher). 75% masked,
+    semantic-aware: patches are ordered by sampling without replacement in proportion to the
+    teacher's importance, and the first quarter stays visible, so important patches are seen more
+    often. The prompting decoder updates only the mask tokens. Loss 2 - 2 cos(prediction, target)
+    averaged over all patch tokens, visible and masked, as MILAN's forward_loss."""
+    target, importance = teacher_tokens(bare(model), imgs)                  # (B, N, Dt), (B, N)
+    keep, _ = keep_first(proportional_keys(patch_noise(r, cfg), importance), cfg.mask_ratio)   # (B, K)
+    pred = model(imgs, keep=keep)                                           # (B, N, Dt)
+    loss = 2 - 2 * F.cosine_similarity(pred.float(), target.float(), dim=-1)   # (B, N)
+    return loss.mean(), loss.numel()
+
+
+def sentence_logits(patches, proj, txt, tau):
+    """RILS: patch features (B, N, D) -> logits over the batch's captions (B, N, B): the cosine of
+    the projected patch to each normalised caption embedding txt (B, D'), over a temperature tau."""
+    return F.normalize(proj(patches), dim=-1) @ txt.T / tau
+
+
+def rils_loss(model, imgs, x, u, r, cfg):
+    """RILS (hustvl/RILS, models_rils.py, losses.py): CLIP plus masked modelling in sentence space.
+    The full image gives the contrastive embedding and, detached, the teacher patches; 75% masked, the
+    visible patches go through a one-block decoder that predicts every patch. Student and teacher
+    patches become distributions over the batch's captions (temperatures 0.1 and 0.04); loss =
+    L_clip + 0.5 KL(teacher || student), averaged over the masked patches of the images whose
+    best-scoring caption is their own (none in the batch: that term is 0). Under DDP each rank's
+    captions are its own, as in clip_loss."""
+    keep, masked = keep_first(patch_noise(r, cfg), cfg.mask_ratio)          # (B, K), (B, N)
+    img, txt, pred, full = model(imgs, x, x != PAD, keep=keep)              # (B, D') x 2, (B, N, D) x 2
+    m = bare(model)
+    logits = m.log_scale.exp().clamp(max=100) * img @ txt.T                 # (B, B), as clip_loss
+    labels = torch.arange(len(x), device=x.device)
+    l_clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    student = sentence_logits(pred, m.img_proj, txt, 0.1).float()            # (B, N, B)
+    with torch.no_grad():  # the teacher distribution gets no gradient (RILS detaches its logits)
+        teacher = sentence_logits(full, m.img_proj, txt, 0.04).float()
+    kl = (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1)  # (B, N)
+    w = masked & (logits.argmax(1) == labels)[:, None]                      # (B, N)
+    return l_clip + 0.5 * (kl * w).sum() / w.sum().clamp(min=1), len(x)
+
+
+LOSSES = {"mdc": mdc_loss, "ar": ar_loss, "cappa": cappa_loss, "clip": clip_loss, "siglip": siglip_loss,
+          "mae": mae_loss, "umd": umd_loss, "milan": milan_loss, "rils": rils_loss}
 
 
 # -----------------------------------------------------------------------------
@@ -678,10 +963,12 @@ def lr_at(step, cfg):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW; no weight decay on norms, biases, embeddings and positional tables (1-D or lookup)."""
+    """AdamW; no weight decay on norms, biases, embeddings, positional tables and the mask token
+    (1-D or lookup). Frozen parameters (milan's teacher, --freeze_encoder) are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "tok." in name or name.endswith("pos") else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "tok." in name or name.endswith(("pos", "mask_token")) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
 
@@ -691,7 +978,8 @@ def save_checkpoint(path, model, opt, cfg, tok, step):
     Written to a temporary file and renamed: a crash never leaves half a checkpoint."""
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None,
             "config": asdict(cfg), "vocab": tok.itos, "step": step,
-            "rng": torch.get_rng_state(), "torch_version": str(torch.__version__)}
+            "rng": torch.get_rng_state(), "torch_version": str(torch.__version__),
+            "teacher_config": asdict(model.teacher_cfg) if hasattr(model, "teacher_cfg") else None}  # milan
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -724,9 +1012,24 @@ def load_checkpoint(path, device="cpu"):
     ckpt = read_checkpoint(path, device)
     cfg = config_of(ckpt)
     tok = data.Tokenizer(ckpt["vocab"])
-    model = Model(cfg, len(tok)).to(device)
+    teacher_cfg = Config(**ckpt["teacher_config"]) if ckpt.get("teacher_config") else None   # milan
+    model = Model(cfg, len(tok), teacher_cfg=teacher_cfg).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, tok, ckpt
+
+
+def load_teacher(cfg, device):
+    """milan: the frozen teacher's checkpoint cfg.teacher -> (its Model, its Config). It must be a clip
+    or siglip run of this project with the student's img_size and patch_size (one token per patch)."""
+    if not os.path.exists(cfg.teacher):
+        raise UsageError(f"--teacher: no checkpoint at {cfg.teacher}")
+    clip, tcfg, _, _ = load_checkpoint(cfg.teacher, device)
+    if tcfg.objective not in ("clip", "siglip"):
+        raise UsageError(f"--teacher must be a clip or siglip checkpoint; {cfg.teacher} was trained with --objective={tcfg.objective}")
+    if (tcfg.img_size, tcfg.patch_size) != (cfg.img_size, cfg.patch_size):
+        raise UsageError(f"--teacher has img_size {tcfg.img_size} and patch_size {tcfg.patch_size}; "
+                         f"this run has {cfg.img_size} and {cfg.patch_size}: they must match")
+    return clip, tcfg
 
 
 def pick_device(name="auto"):
@@ -839,7 +1142,10 @@ def train(cfg, callback=None):
     master = rank == 0
     torch.manual_seed(cfg.seed)
     train_set, val_set, tok, caps = caption_data(cfg)
-    model = Model(cfg, len(tok), length_histogram(caps, cfg.max_len)).to(device)
+    clip, tcfg = load_teacher(cfg, device) if cfg.objective == "milan" else (None, None)
+    model = Model(cfg, len(tok), length_histogram(caps, cfg.max_len), tcfg).to(device)
+    if clip is not None:
+        model.copy_teacher(clip)
     model.encoder.requires_grad_(not cfg.freeze_encoder)
     opt = make_optimizer(model, cfg, device)
     os.makedirs(cfg.out_dir, exist_ok=True)

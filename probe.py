@@ -13,7 +13,8 @@ random initialisation) and `pixels` (raw pixels) are the floors every table shou
   on a stratified 10% hold-out and refitted on all of the training set (CLIP's protocol).
 - Zero-shot classification, ARO-style compositionality and image-text retrieval, all by
   scoring captions: mdc by its ELBO (K Monte Carlo draws) or a cheap heuristic, ar/cappa by
-  the exact log-likelihood, clip/siglip by cosine similarity.
+  the exact log-likelihood, clip/siglip/rils by cosine similarity (mae, umd, milan have no text
+  side: they get the linear probe only).
 - The visual signal per caption position (`--signal`, `--plot`): how much the true image
   lowers the decoder's loss at each position against a mismatched image; and the largest
   attention logit (`--logits`), a stability diagnostic.
@@ -153,14 +154,15 @@ def linear_probe(xtr, ytr, xte, yte, n_classes, fitter="both", device="cpu", log
 # -----------------------------------------------------------------------------
 # Scoring captions: one routine serves zero-shot, compositionality and retrieval
 
-RULES = {"mdc": ("elbo", "pll", "all"), "ar": ("exact",), "cappa": ("exact",), "clip": ("cos",), "siglip": ("cos",)}
+RULES = {"mdc": ("elbo", "pll", "all"), "ar": ("exact",), "cappa": ("exact",), "clip": ("cos",), "siglip": ("cos",),
+         "rils": ("cos",), "mae": (), "umd": (), "milan": ()}  # mae, umd, milan cannot score a caption
 
 
 @torch.no_grad()
 def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed=0):
     """How well each candidate caption fits its image, higher = better.
     imgs: (B, 3, S, S) in [0, 1]; cands: B lists of C strings (candidates for image b).
-    rule: elbo | pll | all (mdc), exact (ar, cappa), cos (clip, siglip). Returns (B, C)."""
+    rule: elbo | pll | all (mdc), exact (ar, cappa), cos (clip, siglip, rils). Returns (B, C)."""
     device = next(model.parameters()).device
     B, C = len(cands), len(cands[0])
     out = torch.empty(B, C)
@@ -475,7 +477,7 @@ def attention_logit_max(model, cfg, imgs, x):
     try:
         v = model.encoder(imgs)                              # (B, N, D)
         real = x != PAD
-        if cfg.objective in ("clip", "siglip"):
+        if model.contrastive:
             model.embed(v, x, real)
         else:                                                # the decoder's input in training
             inp = mdc.shift_right(x) if cfg.objective in ("ar", "cappa") else mdc.corrupt(x, 1.0, torch.zeros(x.shape, device=x.device))[0]
@@ -708,6 +710,8 @@ def main(argv):
     do_sig = on(args.signal, synthetic or args.captions is not None)
     captions = args.captions or "shapes"
     encs = load_encoders(args.ckpt, args.model, args.img_size, args.seed, device)
+    if not any(e["kind"] == "ckpt" and RULES[e["cfg"].objective] for e in encs):  # no encoder here scores captions
+        do_zs = do_comp = do_ret = do_sig = False
     datasets, caption_sets, results = {}, {}, {"command": command, "machine": machine(), "device": str(device),
                                                "args": vars(args), "encoders": []}
     for e in encs:
@@ -718,7 +722,9 @@ def main(argv):
         n_classes = int(max(ytr.max(), yte.max())) + 1
         m = linear_probe(xtr, ytr, xte, yte, n_classes, args.fitter, device, log)
         cfg = e["cfg"]
-        if e["kind"] == "ckpt":
+        if e["kind"] == "ckpt" and not RULES[cfg.objective]:
+            log(f"{cfg.objective} has no text side: linear probe only (no zero-shot, compositionality, retrieval, signal)")
+        elif e["kind"] == "ckpt":
             model, tok = e["model"], e["tok"]
             rules = [r for r in args.mdc_rules.split(",") if r] if cfg.objective == "mdc" else None
             if do_zs and (zs := zeroshot(model, cfg, tok, te(), args.dataset, args.n_eval, args.K, args.seed, args.batch_size, rules)):

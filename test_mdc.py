@@ -72,7 +72,7 @@ class UniformLogits(nn.Module):
 # objectives
 
 
-@pytest.mark.parametrize("objective", mdc.OBJECTIVES)
+@pytest.mark.parametrize("objective", ["mdc", "ar", "cappa", "clip", "siglip"])  # the masked-image ones: their section
 def test_every_objective_gives_a_finite_scalar_and_gradients(objective):
     cfg = tiny_cfg(f"--objective={objective}")
     imgs, x, tok = tiny_batch(cfg)
@@ -325,13 +325,14 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert not os.path.exists(path + ".tmp")
 
 
-def test_resume_equals_uninterrupted_training(tmp_path):
+@pytest.mark.parametrize("objective", ["mdc", "mae"])  # mae: the patch masks come from draw_noise too
+def test_resume_equals_uninterrupted_training(tmp_path, objective):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_train(a, "--steps=6")
-    run_train(b, "--steps=6", "--stop_after=3")
+    run_train(a, "--steps=6", f"--objective={objective}")
+    run_train(b, "--steps=6", "--stop_after=3", f"--objective={objective}")
     half = params(b / "ckpt.pt")
     assert torch.load(b / "ckpt.pt", weights_only=True)["step"] == 3
-    run_train(b, "--steps=6", "--resume")
+    run_train(b, "--steps=6", "--resume", f"--objective={objective}")
     pa, pb = params(a / "ckpt.pt"), params(b / "ckpt.pt")
     for k in pa:
         assert torch.allclose(pa[k], pb[k], atol=1e-6), k
@@ -522,6 +523,250 @@ def test_resume_may_change_steps_and_lr(tmp_path):
     run_train(tmp_path, "--steps=2")
     run_train(tmp_path, "--steps=4", "--lr=1e-3", "--resume")
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+
+
+# -----------------------------------------------------------------------------
+# masked-image objectives: mae, umd, milan, rils
+MIM = ["mae", "umd", "milan", "rils"]
+
+
+def clip_teacher(tmp_path, *extra):
+    """A (random-init) clip checkpoint of the TINY size, for milan's --teacher; returns its path."""
+    cfg = tiny_cfg("--objective=clip", *extra)
+    _, _, tok = tiny_batch(cfg)
+    path = str(tmp_path / "teacher.pt")
+    torch.manual_seed(1)
+    mdc.save_checkpoint(path, mdc.Model(cfg, len(tok)), None, cfg, tok, 0)
+    return path
+
+
+def mim_model(objective, tmp_path, *extra):
+    """(cfg, Model) of a masked-image objective at the TINY size, milan with a clip teacher."""
+    if objective == "milan":
+        extra = (f"--teacher={clip_teacher(tmp_path)}", *extra)
+    cfg = tiny_cfg(f"--objective={objective}", *extra)
+    _, _, tok = tiny_batch(cfg)
+    torch.manual_seed(0)
+    if objective != "milan":
+        return cfg, mdc.Model(cfg, len(tok))
+    clip, tcfg = mdc.load_teacher(cfg, torch.device("cpu"))
+    model = mdc.Model(cfg, len(tok), teacher_cfg=tcfg)
+    model.copy_teacher(clip)
+    return cfg, model
+
+
+def pixel_mask(masked, cfg):
+    """(B, N) patch mask -> (B, 1, S, S) the same mask on the pixels (patches row-major)."""
+    h, p = cfg.img_size // cfg.patch_size, cfg.patch_size
+    return masked.view(-1, 1, h, h).repeat_interleave(p, 2).repeat_interleave(p, 3)
+
+
+@pytest.mark.parametrize("objective", MIM)
+def test_masked_image_losses_are_finite_and_train_every_part(objective, tmp_path):
+    cfg, model = mim_model(objective, tmp_path)
+    imgs, x, _ = tiny_batch(cfg)
+    loss, n = mdc.LOSSES[objective](model, imgs, x, *mdc.draw_noise(cfg, len(x), 0), cfg)
+    assert loss.shape == () and torch.isfinite(loss) and n > 0
+    if objective == "rils":  # the masked term needs an image whose best caption is its own (a precondition)
+        img, txt, _, _ = model(imgs, x, x != PAD, keep=torch.arange(4).expand(len(x), 4))
+        assert ((img @ txt.T).argmax(1) == torch.arange(len(x))).any()
+    loss.backward()
+    trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    assert {k.split(".")[0] for k, _ in trainable} >= {"encoder", "decoder"} | ({"text", "img_proj", "txt_proj"} if objective == "rils" else set())
+    silent = [k for k, p in trainable if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, silent                             # DDP wants every parameter used, every step
+
+
+def test_patchify_matches_unfold_and_the_vits_token_order():
+    cfg = tiny_cfg()
+    imgs = torch.rand(2, 3, 16, 16)
+    p, N = cfg.patch_size, 16
+    ref = F.unfold(imgs, p, stride=p).view(2, 3, p, p, N).permute(0, 4, 2, 3, 1).reshape(2, N, -1)  # (B, N, p*p*3)
+    assert torch.equal(mdc.patchify(imgs, p), ref)
+    vit = mdc.ViT(cfg)                                    # token k of the ViT is patch k of patchify
+    w = vit.patch.weight.permute(0, 2, 3, 1).reshape(cfg.width, -1)   # (D, p*p*3) in (row, col, channel) order
+    tokens = mdc.patchify(imgs, p) @ w.T + vit.patch.bias
+    assert torch.allclose(vit.patch(imgs).flatten(2).transpose(1, 2), tokens, atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["mae", "umd"])
+def test_the_encoder_never_sees_the_masked_patches(objective, tmp_path):
+    cfg, model = mim_model(objective, tmp_path)
+    model.eval()
+    imgs, x, _ = tiny_batch(cfg)
+    ratio = cfg.mask_ratio if objective == "mae" else cfg.umd_mask_noised
+    keep, masked = mdc.keep_first(mdc.patch_noise(mdc.draw_noise(cfg, len(x), 0)[1], cfg), ratio)
+    assert (masked.sum(1) == 16 - keep.shape[1]).all() and keep.shape[1] == int(16 * (1 - ratio))
+    other = torch.where(pixel_mask(masked, cfg), torch.rand_like(imgs), imgs)   # new pixels in the masked patches
+    assert torch.allclose(model.encoder(imgs, keep), model.encoder(other, keep), atol=1e-6)
+    assert not torch.allclose(model.encoder(imgs), model.encoder(other), atol=1e-3)  # the full view does see them
+    # each visible patch carries its own position: listing the same patches in another order only
+    # reorders the output (positions taken by slot, not gathered with the patch, would not)
+    assert torch.allclose(model.encoder(imgs, keep.flip(1)), model.encoder(imgs, keep).flip(1), atol=1e-6)
+
+
+class Recorder(nn.Module):
+    """Stands in for Model in the pixel objectives: returns the given predictions, call by call, and
+    records what it was fed."""
+
+    def __init__(self, preds):
+        super().__init__()
+        self.preds, self.calls = preds, []
+
+    def forward(self, imgs, keep=None, t=None):
+        self.calls.append(dict(imgs=imgs, keep=keep, t=t))
+        return self.preds[len(self.calls) - 1]
+
+
+def visible_of(keep, N=16):
+    return torch.zeros(len(keep), N, dtype=torch.bool).scatter(1, keep, True)
+
+
+def test_mae_loss_counts_the_masked_patches_only_and_matches_a_hand_computation():
+    cfg = tiny_cfg("--objective=mae")
+    imgs, x, _ = tiny_batch(cfg, 4)
+    u, r = mdc.draw_noise(cfg, 4, 0)
+    pred = torch.randn(4, 16, 48)
+    spy = Recorder([pred])
+    loss, n = mdc.mae_loss(spy, imgs, x, u, r, cfg)
+    vis = visible_of(spy.calls[0]["keep"])
+    # by hand: MSE to each patch's pixels normalised by its own mean and (unbiased) variance
+    errs = []
+    for b in range(4):
+        for k in range(16):
+            if not vis[b, k]:
+                i, j = divmod(k, 4)
+                patch = imgs[b, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].permute(1, 2, 0).reshape(-1)
+                target = (patch - patch.mean()) / (patch.var() + 1e-6).sqrt()
+                errs.append(((pred[b, k] - target) ** 2).mean().item())
+    assert n == len(errs) == 4 * 12 and abs(loss.item() - np.mean(errs)) < 1e-5
+    changed = torch.where(vis[..., None], torch.randn_like(pred) * 100, pred)      # visible predictions: anything
+    assert mdc.mae_loss(Recorder([changed]), imgs, x, u, r, cfg)[0].item() == pytest.approx(loss.item(), abs=1e-6)
+    assert mdc.mae_loss(Recorder([pred + 1]), imgs, x, u, r, cfg)[0].item() != pytest.approx(loss.item(), abs=1e-3)
+
+
+def test_umd_noise_loss_on_visible_patches_clean_loss_on_masked_and_t_zero_is_the_clean_image():
+    cfg = tiny_cfg("--objective=umd")
+    imgs, x, _ = tiny_batch(cfg, 8)
+    u, r = mdc.draw_noise(cfg, 8, 0)
+    noised = u < 0.5
+    assert noised.sum() == 4                              # antithetic u: exactly half of the batch
+    shapes = Recorder([torch.zeros(4, 16, 96), torch.zeros(4, 16, 96)])
+    mdc.umd_loss(shapes, imgs, x, u, r, cfg)
+    clean, noisy = shapes.calls
+    assert torch.allclose(clean["imgs"], imgs[~noised], atol=1e-6) and (clean["t"] == 0).all()   # clean half: the image
+    assert clean["keep"].shape[1] == 4 and noisy["keep"].shape[1] == 10             # 75% and 37.5% hidden
+    assert (noisy["t"] >= 1).all() and (noisy["t"] <= 1000).all()
+    assert not torch.allclose(noisy["imgs"], imgs[noised], atol=1e-3)
+    preds = [torch.randn(4, 16, 96), torch.randn(4, 16, 96)]
+    base = mdc.umd_loss(Recorder(preds), imgs, x, u, r, cfg)[0].item()
+    vis = [visible_of(c["keep"])[..., None] for c in (clean, noisy)]                 # (4, 16, 1) each
+    loss_with = lambda p: mdc.umd_loss(Recorder(p), imgs, x, u, r, cfg)[0].item()
+    junk = lambda: torch.randn(4, 16, 48) * 100
+    x0_at_visible = [torch.cat([torch.where(v, junk(), p[..., :48]), p[..., 48:]], -1) for p, v in zip(preds, vis)]
+    eps_at_masked = [torch.cat([p[..., :48], torch.where(v, p[..., 48:], junk())], -1) for p, v in zip(preds, vis)]
+    assert loss_with(x0_at_visible) == pytest.approx(base, abs=1e-5)      # x0 counts on masked patches only
+    assert loss_with(eps_at_masked) == pytest.approx(base, abs=1e-5)      # eps counts on visible patches only
+    eps_at_visible = [preds[0], torch.cat([preds[1][..., :48], torch.where(vis[1], junk(), preds[1][..., 48:])], -1)]
+    assert loss_with(eps_at_visible) > base + 1                           # ... of the noised half
+    assert loss_with([preds[0], preds[1] + torch.cat([torch.zeros(4, 16, 48), torch.ones(4, 16, 48)], -1)]) != pytest.approx(base)
+
+
+def test_cosine_schedule_is_the_telescoped_product():
+    # without the 0.999 clip, prod (1 - beta_k) = f(t + 1) / f(0)
+    abar = mdc.cosine_alpha_bar(1000)
+    f = lambda i: math.cos((i / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    ref = torch.tensor([f(t + 1) / f(0) for t in range(1000)])
+    assert torch.allclose(abar[:990], ref[:990], rtol=1e-4, atol=1e-7)
+    assert (abar[1:] <= abar[:-1]).all() and abar[0] > 0.999 and abar[-1] < 1e-4
+
+
+def test_proportional_keys_sample_in_proportion_to_the_weights():
+    """milan orders patches by -log(u) / w: the first is patch i with probability w_i / sum(w)."""
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    u = torch.rand(40000, 4, generator=torch.Generator().manual_seed(0))
+    first = mdc.proportional_keys(u, w.expand(40000, 4)).argmin(1)
+    freq = torch.bincount(first, minlength=4).float() / 40000
+    assert torch.allclose(freq, w / w.sum(), atol=0.01), freq          # sd of each frequency < 0.0025
+
+
+def test_milan_teacher_is_frozen_in_eval_mode_outside_the_optimizer_and_saved(tmp_path):
+    cfg, model = mim_model("milan", tmp_path)
+    imgs, x, tok = tiny_batch(cfg)
+    model.train()
+    assert not model.teacher.training and model.encoder.training
+    frozen = list(model.teacher.parameters()) + list(model.teacher_proj.parameters())
+    assert frozen and not any(p.requires_grad for p in frozen)
+    opt = mdc.make_optimizer(model, cfg, torch.device("cpu"))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for p in frozen} and {id(p) for p in model.encoder.parameters()} <= in_opt
+    mdc.milan_loss(model, imgs, x, *mdc.draw_noise(cfg, len(x), 0), cfg)[0].backward()
+    assert all(p.grad is None for p in frozen) and model.encoder.patch.weight.grad.abs().sum() > 0
+    path = str(tmp_path / "milan.pt")                     # the teacher is in the checkpoint: it loads alone
+    mdc.save_checkpoint(path, model, opt, cfg, tok, 1)
+    os.remove(cfg.teacher)
+    loaded, _, _, _ = mdc.load_checkpoint(path)
+    assert torch.equal(loaded.teacher.patch.weight, model.teacher.patch.weight)
+    assert not loaded.teacher.training and loaded.teacher_cfg.objective == "clip"
+
+
+def test_milan_teacher_must_be_a_matching_clip_or_siglip_checkpoint(tmp_path):
+    with pytest.raises(data.UsageError, match="--teacher='': must be a clip or siglip checkpoint"):
+        tiny_cfg("--objective=milan")
+    cfg = tiny_cfg("--objective=milan", f"--teacher={clip_teacher(tmp_path, '--patch_size=8')}")
+    with pytest.raises(data.UsageError, match="patch_size 8"):
+        mdc.load_teacher(cfg, torch.device("cpu"))
+    _, _, tok = tiny_batch(cfg)
+    mdc.save_checkpoint(str(tmp_path / "ar.pt"), mdc.Model(tiny_cfg("--objective=ar"), len(tok)), None, tiny_cfg("--objective=ar"), tok, 0)
+    with pytest.raises(data.UsageError, match="clip or siglip"):
+        mdc.load_teacher(tiny_cfg("--objective=milan", f"--teacher={tmp_path / 'ar.pt'}"), torch.device("cpu"))
+
+
+def test_rils_teacher_distribution_gets_no_gradient(tmp_path, monkeypatch):
+    cfg, model = mim_model("rils", tmp_path)
+    imgs, x, _ = tiny_batch(cfg)
+    seen, real = [], mdc.sentence_logits
+    monkeypatch.setattr(mdc, "sentence_logits", lambda *a: seen.append(real(*a)) or seen[-1])
+    mdc.rils_loss(model, imgs, x, *mdc.draw_noise(cfg, len(x), 0), cfg)[0].backward()
+    student, teacher = seen
+    assert student.requires_grad and teacher.grad_fn is None and not teacher.requires_grad
+    assert model.text.tok.weight.grad.abs().sum() > 0    # the captions' side learns too
+
+
+@pytest.mark.parametrize("objective,frac", [("mae", 0.4), ("umd", 0.6), ("milan", 0.1), ("rils", 0.5)])
+def test_masked_image_objectives_overfit_one_batch(objective, frac, tmp_path):
+    """The loss on one batch of 4 falls to a fraction of where it started (the masks change every step)."""
+    cfg, model = mim_model(objective, tmp_path)
+    imgs, x, _ = tiny_batch(cfg, 4)
+    start = mdc.LOSSES[objective](model, imgs, x, *mdc.draw_noise(cfg, 4, 0), cfg)[0].item()
+    fit_until(model, objective, cfg, imgs, x, threshold=frac * start, cap=1500)
+
+
+def test_patch_masks_are_a_pure_function_of_seed_and_step():
+    cfg = tiny_cfg("--objective=mae")
+    masks = lambda seed, step: mdc.keep_first(mdc.patch_noise(mdc.draw_noise(tiny_cfg("--objective=mae", f"--seed={seed}"),
+                                                                              8, step)[1], cfg), 0.75)[1]
+    assert torch.equal(masks(0, 3), masks(0, 3))
+    assert not torch.equal(masks(0, 3), masks(0, 4)) and not torch.equal(masks(0, 3), masks(1, 3))
+    u, r = mdc.draw_noise(cfg, 8, 3)
+    assert r.shape == (8, cfg.max_len + 16)
+    # the caption block is drawn first, as draw_noise drew its whole r before the patch block existed
+    g = torch.Generator().manual_seed(3 * 7)              # draw_noise's generator at seed 0, step 3
+    torch.rand(1, generator=g), torch.randperm(8, generator=g)   # u's draws (antithetic) come first
+    assert torch.equal(r[:, :cfg.max_len], torch.rand(8, cfg.max_len, generator=g))
+
+
+@pytest.mark.parametrize("objective", ["mae", "rils"])
+def test_probe_cli_on_masked_image_checkpoints(objective, tmp_path):
+    cfg, model = mim_model(objective, tmp_path)
+    _, _, tok = tiny_batch(cfg)
+    path = str(tmp_path / f"{objective}.pt")
+    mdc.save_checkpoint(path, model, None, cfg, tok, 0)
+    res = probe.main([f"--ckpt={path}", "--ckpt=random", "--fitter=ridge", "--n_eval=8", "--n_retrieval=6",
+                      f"--cache_dir={tmp_path}/cache"])
+    m = res["encoders"][0]["metrics"]
+    assert 0 <= m["ridge top1"] <= 1
+    assert ("zero-shot" in m and "t2i R@1" in m) == (objective == "rils")   # mae scores no caption
 
 
 # =============================================================================
