@@ -1153,6 +1153,20 @@ def test_random_labels_give_chance():
         assert 0.19 < r[k] < 0.31, (k, r[k])
 
 
+def test_ridge_solves_the_regularised_least_squares_problem():
+    """Against an independent solution: least squares on X stacked over sqrt(N lam) I, for every lam
+    of the grid that a wide, rank-deficient X (more features than samples, as raw pixels can be) allows."""
+    x, y = blobs(60, 80, 4, sep=1.0, seed=5)
+    x = mdc.standardize(x)[0].double()
+    Y = F.one_hot(y, 4).double() - F.one_hot(y, 4).double().mean(0)
+    solve = mdc.ridge_fit(x, y, 4)
+    for lam in (1e-3, 1e-1, 10.0):
+        W, _ = solve(lam)
+        A = torch.cat([x, (len(x) * lam) ** 0.5 * torch.eye(80, dtype=torch.double)])      # (N + D, D)
+        ref = torch.linalg.lstsq(A, torch.cat([Y, torch.zeros(80, 4, dtype=torch.double)])).solution
+        assert torch.allclose(W, ref, atol=1e-8 * ref.abs().max().item() + 1e-12), lam
+
+
 def test_ridge_and_lbfgs_agree_on_an_easy_problem():
     x, y = blobs(3000, 16, 5, sep=0.8)
     xtr, ytr, xte, yte = split(x, y, 2000)
