@@ -233,7 +233,7 @@ def pca_rotate(xtr, *others):
     beyond what float32 resolves; in the rotated coordinates nothing cancels."""
     xd = xtr.double()
     m = xd.mean(0)
-    _, Q = torch.linalg.eigh((xd - m).T @ (xd - m) / len(xd))   # (D, D)
+    _, Q = torch.linalg.eigh(xd.T @ xd / len(xd) - torch.outer(m, m))   # of the covariance, (D, D)
     return [((x.double() - m) @ Q).float() for x in (xtr, *others)]
 
 
@@ -243,10 +243,11 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refi
     fit warm-starting the next) on a stratified 10% hold-out, pick the best hold-out accuracy, then
     refit on the whole training set. If the pick is on the edge of the grid, the grid is extended
     by 2 decades that way (and it says so). Every fit runs to convergence (logreg_fit); one that
-    stops at its cap (max_iter, refit_iter) before converging is reported in the log and listed
-    under 'logreg unconverged'. The penalty is on the weights of the standardised features, as in
-    the ridge probe (the PCA rotation leaves it unchanged): on those features lam = 1 / (2 N C)
-    in sklearn's terms, its default L2 penalty with a free intercept."""
+    ends unconverged (at its cap, max_iter or refit_iter, or stalled even in float64) is reported
+    in the log and listed under 'logreg unconverged'. The penalty is on the weights of the
+    standardised features, as in the ridge probe (the PCA rotation leaves it unchanged): on those
+    features lam = 1 / (2 N C) in sklearn's terms, its default L2 penalty with a free intercept.
+    float32 on the device; the rotation, and a fit's last steps where needed, in float64."""
     t0 = time.perf_counter()
     xtr, xte = (with_bias(x) for x in pca_rotate(*standardize(xtr.float().to(device), xte.float().to(device))))
     ytr, yte = ytr.to(device), yte.to(device)
