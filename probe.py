@@ -71,58 +71,106 @@ def cached_features(key, compute, cache_dir):
 # logistic regression mean CE + lam ||W||^2 (sklearn's C = 1 / (2 N lam)); biases are free.
 
 
-def logreg_fit(x, xt, y, lam, P, max_iter=100, tol=1e-7):
-    """Full-batch L-BFGS on mean CE + lam ||W||^2. x: (N, D+1) with a ones column last (the bias,
-    not penalised), xt = x.T contiguous, P: (C, D+1) start point. Returns (P, function evaluations).
-    The gradient is written out (softmax - onehot) because x.T @ G with x.T contiguous is the
-    fastest layout for BLAS here; the test checks it against autograd in float64."""
-    N = len(x)
-    P = torch.nn.Parameter(P.clone())
+def logreg_fit(x, xt, y, lam, P, max_iter=500, tol=1e-5):
+    """Full-batch L-BFGS on mean CE + lam ||W||^2, run until converged. x: (N, D+1) with a ones
+    column last (the bias, not penalised), xt = x.T contiguous, P: (C, D+1) start point.
+    L-BFGS works on V = P / s, s = (kappa mean(x^2) + 2 lam)^(-1/2) per column, kappa = 1/C (the
+    softmax curvature at uniform predictions): the same objective and optimum, in coordinates where
+    the Hessian is near the identity when the columns are uncorrelated (logreg_probe rotates them so).
+    In raw coordinates the iterations grow with the condition number of the features' covariance,
+    and a fixed cap stopped weakly regularised fits far from their optimum.
+    Converged = max |dLoss/dV| <= tol: with the Hessian near the identity, loss - optimum is about
+    |dLoss/dV|^2 / 2, so tol means much the same on every feature set. float32 (the loss summed in
+    float64), finishing in float64 if the float32 line search can make no more progress.
+    Returns (P, info: evals, iterations, max |dLoss/dV| at P, converged)."""
+    C, N = P.shape[0], len(x)
     pen = torch.ones_like(P)
     pen[:, -1] = 0                                             # no penalty on the bias column
-    opt = torch.optim.LBFGS([P], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,
-                            tolerance_change=1e-10, line_search_fn="strong_wolfe")
-    onehot = F.one_hot(y, P.shape[0]).to(x.dtype)             # (N, C)
+    s = (x.square().mean(0) / C + 2 * lam * pen[0]).clamp(min=1e-30).rsqrt()  # (D+1,)
+    V = torch.nn.Parameter(P / s)
+    opt = torch.optim.LBFGS([V], lr=1, max_iter=max_iter, max_eval=2 * max_iter, history_size=20,
+                            tolerance_grad=tol, tolerance_change=0, line_search_fn="strong_wolfe")
+    onehot = F.one_hot(y, C).to(x.dtype)                       # (N, C)
     evals = 0
 
     def closure():
         nonlocal evals
         evals += 1
         with torch.no_grad():
+            P = V * s                                          # (C, D+1)
             logp = F.linear(x, P).log_softmax(1)               # (N, C)
-            loss = -logp.gather(1, y[:, None]).mean() + lam * (pen * P * P).sum()
+            loss = -logp.gather(1, y[:, None]).double().mean() + lam * (pen * P * P).sum().double()
             G = logp.exp_().sub_(onehot)                       # (N, C) d CE / d logits = softmax - onehot
-            P.grad = ((xt @ G).T / N + 2 * lam * pen * P).contiguous()  # (C, D+1)
+            # written out because x.T @ G with x.T contiguous is the fastest layout for BLAS here
+            # (the tests check the fit against autograd in float64); times s for d / dV
+            V.grad = (((xt @ G).T / N + 2 * lam * pen * P) * s).contiguous()  # (C, D+1)
         return loss
 
     opt.step(closure)
-    return P.detach(), evals
+    closure()                                                  # the gradient at the point returned
+    g, iters = V.grad.abs().max().item(), opt.state[V]["n_iter"]
+    P = (V * s).detach()
+    if g > tol and iters < max_iter and x.dtype == torch.float32:
+        # stopped early without converging: the line search found no lower float32 loss (near
+        # the optimum of a large problem the rounding of x @ P is bigger than what is left to
+        # gain). The last steps in float64, from here.
+        P, more = logreg_fit(x.double(), xt.double(), y, lam, P.double(), max_iter - iters, tol)
+        return P.float(), {**more, "evals": evals + more["evals"], "iters": iters + more["iters"], "float64 steps": more["iters"]}
+    return P, dict(evals=evals, iters=iters, grad=g, converged=g <= tol)
 
 
 def with_bias(x):
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)  # (N, D+1)
 
 
-def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=30, refit_iter=100,
+def pca_rotate(xtr, *others):
+    """Centre with the training mean and rotate onto the eigenvectors of the training covariance
+    (computed in float64, returned in float32). Not a whitening: a rotation changes neither the
+    predictions of a linear model nor ||W||^2 and the centring moves only the free bias, so the L2
+    problem is the same one; but the columns are now uncorrelated, which makes logreg_fit's
+    per-column preconditioner match the data part of the Hessian. It also matters for float32: a
+    weakly regularised W on ill-conditioned features has large components that cancel in x @ W,
+    beyond what float32 resolves; in the rotated coordinates nothing cancels."""
+    xd = xtr.double()
+    m = xd.mean(0)
+    _, Q = torch.linalg.eigh(xd.T @ xd / len(xd) - torch.outer(m, m))   # of the covariance, (D, D)
+    return [((x.double() - m) @ Q).float() for x in (xtr, *others)]
+
+
+def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refit_iter=500,
                  seed=0, device="cpu", log=print):
     """CLIP's protocol: sweep lam = 10^grid[1] .. 10^grid[0] (one per decade, strong to weak, each
-    fit warm-starting the next, which is what makes the weak end affordable) on a stratified 10%
-    hold-out, pick the best hold-out accuracy, then refit on the whole training set. If the pick is
-    on the edge of the grid, the grid is extended by 2 decades that way (and it says so)."""
+    fit warm-starting the next) on a stratified 10% hold-out, pick the best hold-out accuracy, then
+    refit on the whole training set. If the pick is on the edge of the grid, the grid is extended
+    by 2 decades that way (and it says so). Every fit runs to convergence (logreg_fit); one that
+    ends unconverged (at its cap, max_iter or refit_iter, or stalled even in float64) is reported
+    in the log and listed under 'logreg unconverged'. The penalty is on the weights of the
+    standardised features, as in the ridge probe (the PCA rotation leaves it unchanged): on those
+    features lam = 1 / (2 N C) in sklearn's terms, its default L2 penalty with a free intercept.
+    float32 on the device; the rotation, and a fit's last steps where needed, in float64."""
     t0 = time.perf_counter()
-    xtr, xte = (with_bias(x).to(device) for x in standardize(xtr.float(), xte.float()))
+    xtr, xte = (with_bias(x) for x in pca_rotate(*standardize(xtr.float().to(device), xte.float().to(device))))
     ytr, yte = ytr.to(device), yte.to(device)
     fit, hold = stratified_holdout(ytr.cpu(), 0.1, seed)
     xf, yf, xh, yh = xtr[fit.to(device)], ytr[fit.to(device)], xtr[hold.to(device)], ytr[hold.to(device)]
     xft = xf.T.contiguous()
     P = {}                       # exponent -> fitted weights, for warm starts
-    accs, evals = {}, 0
+    accs, evals, unconverged = {}, 0, []
+
+    def fitted(x, xt, y, e, start, cap, what):
+        nonlocal evals
+        P, info = logreg_fit(x, xt, y, 10.0 ** e, start, cap)
+        evals += info["evals"]
+        if not info["converged"]:
+            unconverged.append(f"{what} 1e{e}")
+            log(f"logreg: {what} at lam 1e{e} not converged after {info['iters']} iterations "
+                f"(max gradient {info['grad']:.1e})")
+        return P
 
     def sweep(exps, start):
-        nonlocal evals
         for e in exps:
-            P[e], n = logreg_fit(xf, xft, yf, 10.0 ** e, start, max_iter)
-            accs[e], start, evals = topk(xh @ P[e].T, yh), P[e], evals + n
+            P[e] = start = fitted(xf, xft, yf, e, start, max_iter, "hold-out fit")
+            accs[e] = topk(xh @ P[e].T, yh)
 
     lo, hi = grid
     sweep(range(hi, lo - 1, -1), torch.zeros(n_classes, xtr.shape[1], device=device))
@@ -136,10 +184,10 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=30, refit
             sweep(range(best + 1, best + 3), P[best])
         else:
             break
-    W, n = logreg_fit(xtr, xtr.T.contiguous(), ytr, 10.0 ** best, P[best], refit_iter)
+    W = fitted(xtr, xtr.T.contiguous(), ytr, best, P[best], refit_iter, "refit")
     out = accuracies("logreg", xte @ W.T, yte, n_classes)
     return {**out, "logreg lambda": 10.0 ** best, "logreg holdout": {f"1e{e}": a for e, a in sorted(accs.items())},
-            "logreg evals": evals + n, "logreg seconds": time.perf_counter() - t0}
+            "logreg evals": evals, "logreg unconverged": unconverged, "logreg seconds": time.perf_counter() - t0}
 
 
 def linear_probe(xtr, ytr, xte, yte, n_classes, fitter="both", device="cpu", log=print):
@@ -629,7 +677,8 @@ def machine():
 
 
 def bench(n=50_000, d=384, c=100, device="cpu"):
-    """Time the whole L-BFGS sweep (hold-out grid + refit) on class-structured Gaussian features."""
+    """Time the whole L-BFGS sweep (hold-out grid + refit, every fit to convergence) on
+    class-structured Gaussian features."""
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, c, (n + 10_000,), generator=g)
     means = torch.randn(c, d, generator=g) * 0.25
@@ -639,7 +688,7 @@ def bench(n=50_000, d=384, c=100, device="cpu"):
     dt = time.perf_counter() - t0
     print(f"L-BFGS logistic-regression sweep on {n:,} x {d} features, {c} classes: {dt:.1f} s "
           f"({r['logreg evals']} function evaluations, lam {r['logreg lambda']:.0e}, test top-1 "
-          f"{100 * r['logreg top1']:.1f}%) | {machine()}")
+          f"{100 * r['logreg top1']:.1f}%, unconverged fits: {', '.join(r['logreg unconverged']) or 'none'}) | {machine()}")
     t0 = time.perf_counter()
     r = ridge_probe(x[:n], y[:n], x[n:], y[n:], c, log=lambda s: None)
     print(f"ridge sweep ({len(RIDGE_GRID)} strengths) on the same: {time.perf_counter() - t0:.1f} s, "

@@ -1180,7 +1180,7 @@ def test_lbfgs_reaches_the_optimum_of_an_independent_float64_fit():
     """Same features, same lam: L-BFGS (float32, hand-written gradient) vs plain gradient descent
     in float64 with autograd, many steps, on mean CE + lam ||W||^2 (bias unpenalised)."""
     x, y = blobs(400, 10, 3, sep=0.7, seed=3)
-    x = probe.standardize(x)[0]
+    x = mdc.standardize(x)[0]
     lam = 3e-3
     P, _ = probe.logreg_fit(probe.with_bias(x), probe.with_bias(x).T.contiguous(), y, lam,
                             torch.zeros(3, 11), max_iter=500, tol=1e-9)
@@ -1205,6 +1205,72 @@ def test_lbfgs_reaches_the_optimum_of_an_independent_float64_fit():
         ref = objective().item()
         W.copy_(Wl), b.copy_(bl)
         assert abs(objective().item() - ref) < 1e-6
+
+
+def test_lbfgs_converges_at_weak_regularisation_on_ill_conditioned_features():
+    """Weak lam on ill-conditioned features (a random-init ViT's are like this), where L-BFGS
+    capped at 30 iterations stopped far from the optimum and the hold-out then preferred strong
+    regularisation. The probe's path (PCA rotation, logreg_fit in float32) against Newton's method
+    in float64 with an autograd Hessian on the standardised features: a different algorithm,
+    parametrisation and precision, run until its Newton decrement vanishes. Compared at the
+    optimum (objective, test predictions), never along the way. The old fitter, run inline,
+    must fail the same check by a wide margin: this test tells them apart."""
+    g = torch.Generator().manual_seed(0)
+    n, d, c, lam = 1500, 12, 4, 1e-6
+    z, y = blobs(n, d, c, sep=0.6, seed=5)
+    U, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.double))
+    V, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.double))
+    A = U @ torch.diag(torch.logspace(-3, 1, d, dtype=torch.double)) @ V.T   # singular values 1e-3..1e1
+    x = (z.double() @ A + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.double)).float()
+    xtr, ytr, xte, yte = split(x, y, 1000)
+    xtr, xte = mdc.standardize(xtr, xte)
+    xd = xtr.double()
+    assert torch.linalg.cond(xd.T @ xd) > 1e6                 # ill-conditioned after standardising
+
+    def objective(theta):                                      # W (d, c) and the biases of classes 1..c-1
+        W, b = theta[:d * c].view(d, c), F.pad(theta[d * c:], (1, 0))  # class 0's bias is 0: softmax is shift-invariant
+        return F.cross_entropy(xd @ W + b, ytr) + lam * (W ** 2).sum()
+
+    theta = torch.zeros(d * c + c - 1, dtype=torch.double)
+    for _ in range(100):                                       # damped Newton: converges in a few dozen steps
+        grad = torch.autograd.functional.jacobian(objective, theta)
+        step = torch.linalg.solve(torch.autograd.functional.hessian(objective, theta, vectorize=True), grad)
+        decrement = (grad @ step).item()                       # ~ 2 (objective - optimum)
+        if decrement < 1e-15:
+            break
+        t, f0 = 1.0, objective(theta).item()
+        while objective(theta - t * step).item() > f0 - 0.25 * t * decrement and t > 1e-9:
+            t /= 2
+        theta = theta - t * step
+    assert decrement < 1e-15
+    best = objective(theta).item()
+    W, b = theta[:d * c].view(d, c), F.pad(theta[d * c:], (1, 0))
+    newton_pred = (xte.double() @ W + b).argmax(1)
+
+    rtr, rte = probe.pca_rotate(xtr, xte)
+    xb = probe.with_bias(rtr)
+    P, info = probe.logreg_fit(xb, xb.T.contiguous(), ytr, lam, torch.zeros(c, d + 1))
+    assert info["converged"]
+    Pd = P.double()
+    f_probe = (F.cross_entropy(rtr.double() @ Pd[:, :-1].T + Pd[:, -1], ytr) + lam * (Pd[:, :-1] ** 2).sum()).item()
+    assert abs(f_probe - best) < 1e-6, (f_probe, best)
+    assert (probe.with_bias(rte) @ P.T).argmax(1).eq(newton_pred).float().mean().item() > 0.99
+
+    # the old fitter: 30 L-BFGS iterations on the standardised features
+    xs = probe.with_bias(xtr)
+    Q = torch.zeros(c, d + 1, requires_grad=True)
+    opt = torch.optim.LBFGS([Q], lr=1, max_iter=30, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xs @ Q.T, ytr) + lam * (Q[:, :-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    Qd = Q.detach().double()
+    f_old = (F.cross_entropy(xd @ Qd[:, :-1].T + Qd[:, -1], ytr) + lam * (Qd[:, :-1] ** 2).sum()).item()
+    assert f_old - best > 1e-3, (f_old, best)                # >1000x the tolerance above
 
 
 def test_grid_is_extended_when_the_best_is_on_its_edge():
