@@ -190,12 +190,59 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refi
             "logreg evals": evals, "logreg unconverged": unconverged, "logreg seconds": time.perf_counter() - t0}
 
 
+def sklearn_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), seed=0):
+    """A reference for logreg_probe: scikit-learn's LogisticRegression (lbfgs, tol 1e-6, up to 10^5
+    iterations, C = 1 / (2 N lam)) doing the same job on the same standardised features: the same
+    hold-out, grid, warm starts, edge rule and refit. Only for measuring (pip install scikit-learn);
+    the project does not depend on it. Counts the fits that ended with a ConvergenceWarning."""
+    import warnings
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    t0 = time.perf_counter()
+    xtr, xte = (x.double().numpy() for x in standardize(xtr.float(), xte.float()))
+    fit, hold = (i.numpy() for i in stratified_holdout(ytr, 0.1, seed))
+    ytr, yte = ytr.numpy(), yte.numpy()
+    coefs, accs, unconverged = {}, {}, []
+
+    def fitted(x, y, e, start):
+        m = LogisticRegression(C=1 / (2 * len(x) * 10.0 ** e), tol=1e-6, max_iter=100_000, warm_start=True)
+        if start is not None:
+            m.coef_, m.intercept_ = (a.copy() for a in coefs[start])
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always", ConvergenceWarning)
+            m.fit(x, y)
+        if any(issubclass(i.category, ConvergenceWarning) for i in w):
+            unconverged.append(f"1e{e}")
+        return m
+
+    def sweep(exps, start):
+        for e in exps:
+            m = fitted(xtr[fit], ytr[fit], e, start)
+            coefs[e], accs[e], start = (m.coef_, m.intercept_), float((m.predict(xtr[hold]) == ytr[hold]).mean()), e
+
+    lo, hi = grid
+    sweep(range(hi, lo - 1, -1), None)
+    while True:  # the edge rule of logreg_probe
+        best = max(accs, key=lambda e: (accs[e], e))
+        if best == min(accs) and best > -14:
+            sweep(range(best - 1, best - 3, -1), best)
+        elif best == max(accs) and best < 6:
+            sweep(range(best + 1, best + 3), best)
+        else:
+            break
+    m = fitted(xtr, ytr, best, best)
+    return {"sklearn top1": float((m.predict(xte) == yte).mean()), "sklearn lambda": 10.0 ** best,
+            "sklearn unconverged": unconverged, "sklearn seconds": time.perf_counter() - t0}
+
+
 def linear_probe(xtr, ytr, xte, yte, n_classes, fitter="both", device="cpu", log=print):
     out = {}
     if fitter in ("ridge", "both"):
         out.update(ridge_probe(xtr, ytr, xte, yte, n_classes, log=log))
-    if fitter in ("lbfgs", "both"):
+    if fitter in ("lbfgs", "both", "sklearn"):
         out.update(logreg_probe(xtr, ytr, xte, yte, n_classes, device=device, log=log))
+    if fitter == "sklearn":
+        out.update(sklearn_probe(xtr, ytr, xte, yte, n_classes))
     return out
 
 
@@ -706,7 +753,8 @@ def parse(argv):
     p.add_argument("--model", default="tiny", help="preset for 'random' when no checkpoint is given")
     p.add_argument("--img_size", type=int, default=0, help="input size for 'random'/'pixels' when no checkpoint is given")
     p.add_argument("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
-    p.add_argument("--fitter", default="both", choices=["both", "ridge", "lbfgs"])
+    p.add_argument("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"],
+                   help="sklearn: L-BFGS and, as a reference, scikit-learn doing the same job (pip install scikit-learn)")
     p.add_argument("--zeroshot", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compositional", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=None)
@@ -807,6 +855,12 @@ def main(argv):
           f"ridge / logreg = linear probe (top-1 %), L2 chosen on a 10% hold-out of train"
           + "".join(f"; {p}" for p in parts) + f"; mdc elbo with K={args.K}\n")
     print(format_table(results))
+    if args.fitter == "sklearn":
+        for e in results["encoders"]:
+            m = e["metrics"]
+            print(f"{e['name']}: L-BFGS probe {m['logreg seconds']:.1f} s (lam {m['logreg lambda']:.0e}, unconverged "
+                  f"{m['logreg unconverged'] or 'none'}) | scikit-learn {m['sklearn seconds']:.1f} s (lam "
+                  f"{m['sklearn lambda']:.0e}, unconverged {m['sklearn unconverged'] or 'none'}) | {torch.get_num_threads()} threads")
     if do_sig:
         print("signal early / middle / late: mean CE(mismatched image) - CE(true image) in nats over the "
               "first, middle and last third of each caption, and at the shape / colour / size words; mdc at its "
