@@ -124,6 +124,7 @@ RELATIONS = {"above": "below", "below": "above", "left of": "right of", "right o
 WORD_KINDS = {"size": SIZES, "colour": COLOR_NAMES, "shape": SHAPES}  # per-word-kind signal (probe.py)
 ORDERS = ("color_first", "shape_first")
 MAX_OBJECTS = 2
+P_SINGLE = 0.5            # the fraction of scenes with a single object (the others have two)
 GRID = 2                  # objects sit in distinct cells of a GRID x GRID grid
 RADIUS = (0.25, 0.40)     # object radius (small, large), a fraction of a cell
 SPREAD = 1.0              # how far a pre-training object may move from its cell's centre: 1 = anywhere inside the cell
@@ -151,7 +152,7 @@ def scene_attributes(seed, idx, n_objects=None, tie=0.0, spread=None):
     idx = np.asarray(idx, dtype=np.int64)
     B, K = len(idx), MAX_OBJECTS
     u = lambda f: _hash_uniform(seed, idx, f)
-    n = (1 + (u(0) * K).astype(int)) if n_objects is None else np.full(B, n_objects)
+    n = np.where(u(0) < P_SINGLE, 1, K) if n_objects is None else np.full(B, n_objects)
     color = np.stack([(u(20 + k) * len(COLORS)).astype(int) for k in range(K)], 1)
     free = np.stack([(u(10 + k) * len(SHAPES)).astype(int) for k in range(K)], 1)
     tied = np.stack([u(60 + k) < tie for k in range(K)], 1)             # (B, K)

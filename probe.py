@@ -610,6 +610,50 @@ def plot_signal(results, path):
     plt.close(fig)
 
 
+def sweep_points(results, field, metric):
+    """The points of one metric of many runs (results dicts of earlier calls) against one config
+    field, e.g. tie. Returns (the other flags that differ between the runs, the seed aside;
+    {their values: {field value: [metric over seeds]}}; {floor kind: metric}), accuracies in %."""
+    encs = [e for r in results for e in r["encoders"]]
+    runs = [e for e in encs if e["kind"] == "ckpt"]
+    fixed = (field, "seed", "out_dir", "resume", "stop_after")
+    varying = [k for k in (runs[0]["config"] if runs else ()) if k not in fixed
+               and len({json.dumps(e["config"].get(k)) for e in runs}) > 1]
+    scale = 1 if metric in RAW else 100
+    value = lambda v: next(iter(v.values()), None) if isinstance(v, dict) else v    # per-rule metrics: the first rule
+    groups = {}
+    for e in runs:
+        if (v := value(e["metrics"].get(metric))) is not None:
+            key = tuple(e["config"].get(k) for k in varying)
+            groups.setdefault(key, {}).setdefault(e["config"][field], []).append(scale * v)
+    floors = {e["kind"]: scale * v for e in encs if e["kind"] in ("random", "pixels")
+              and (v := value(e["metrics"].get(metric))) is not None}
+    return varying, groups, floors
+
+
+def plot_vs(results, field, metrics, path):
+    """One panel per metric against --field: a line per group of sweep_points (the mean over seeds,
+    with their range as error bars), the floors as dashed lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), dpi=110, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        varying, groups, floors = sweep_points(results, field, metric)
+        for key, pts in sorted(groups.items(), key=str):
+            xs = sorted(pts)
+            ys = np.array([np.mean(pts[x]) for x in xs])
+            err = np.array([[y - min(pts[x]), max(pts[x]) - y] for x, y in zip(xs, ys)]).T   # (2, n) the range
+            ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=", ".join(map(str, key)))
+        for (kind, v), ls in zip(sorted(floors.items()), ("--", ":")):
+            ax.axhline(v, color="k", ls=ls, lw=1, label=f"{kind} (floor)")
+        ax.set(xlabel=f"--{field}", ylabel=metric + ("" if metric in RAW else " (%)"), title=metric)
+        ax.legend(fontsize=7, title=", ".join(varying) or None, title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # -----------------------------------------------------------------------------
 # The encoders of one call: checkpoints, a random init of the same ViT, raw pixels
 
@@ -771,6 +815,10 @@ def parse(argv):
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the results and each checkpoint's config here")
+    p.add_argument("--plot_vs", default=None, help="no probing: plot --metrics of the --from_json results against this "
+                                                   "config field (e.g. tie) into --plot")
+    p.add_argument("--from_json", action="append", default=[], help="a results file of an earlier --json; repeatable")
+    p.add_argument("--metrics", default="ridge top1", help="--plot_vs: comma-separated metric names, e.g. 'ridge top1,signal shape word'")
     p.add_argument("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
     a = p.parse_args(argv)
     a.classes = int(a.classes) if a.classes.isdigit() else a.classes
@@ -784,6 +832,12 @@ def parse(argv):
             p.error(f"--{name}={getattr(a, name)} is out of range")
     if missing := [c for c in a.ckpt if c not in ("random", "pixels") and not os.path.isfile(c)]:
         p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, or random / pixels)")
+    if a.plot_vs:
+        if not (a.from_json and a.plot):
+            p.error("--plot_vs needs --from_json=FILE (one or more) and --plot=FILE.png")
+        if missing := [f for f in a.from_json if not os.path.isfile(f)]:
+            p.error(f"--from_json={missing[0]}: no such file")
+        return a
     if not a.bench and not a.ckpt:
         p.error("give at least one --ckpt=PATH (or --ckpt=random / --ckpt=pixels)")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -797,6 +851,9 @@ def main(argv):
     device = mdc.pick_device(args.device)
     if args.bench:
         return bench(device=device)
+    if args.plot_vs:
+        plot_vs([load_json(f) for f in args.from_json], args.plot_vs, args.metrics.split(","), args.plot)
+        return print(f"wrote {args.plot}")
     torch.backends.cuda.matmul.allow_tf32 = True
     command = "python " + " ".join([os.path.basename(sys.argv[0] or "probe.py")] + list(argv))
     synthetic = args.dataset.startswith("shapes")

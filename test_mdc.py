@@ -1462,6 +1462,25 @@ def test_caption_signal_never_pairs_a_caption_with_its_own_image(models, monkeyp
     assert sizes == [4, 5]                                 # not [4, 4, 1]: a lone image is rolled onto itself
 
 
+def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_path):
+    run = lambda o, tie, seed, acc, sig: dict(name=f"{o}{tie}{seed}", kind="ckpt", objective=o, metrics={
+        "ridge top1": acc, "signal shape word": sig, "zero-shot": {"elbo": acc / 2}},
+        config={**mdc.asdict(tiny_cfg(f"--objective={o}")), "tie": tie, "seed": seed, "out_dir": f"runs/{o}{tie}{seed}"})
+    a = {"encoders": [run("mdc", 0.0, 0, 0.6, 1.0), run("mdc", 0.0, 1, 0.7, 3.0), run("mdc", 0.9, 0, 0.5, 0.5),
+                      dict(name="random", kind="random", metrics={"ridge top1": 0.3})]}
+    b = {"encoders": [run("ar", 0.0, 0, 0.4, 2.0), run("ar", 0.9, 0, 0.2, 0.1)]}
+    varying, groups, floors = probe.sweep_points([a, b], "tie", "ridge top1")
+    assert varying == ["objective"] and floors == {"random": 30.0}
+    assert groups == {("mdc",): {0.0: [60.0, 70.0], 0.9: [50.0]}, ("ar",): {0.0: [40.0], 0.9: [20.0]}}
+    assert probe.sweep_points([a], "tie", "signal shape word")[1] == {(): {0.0: [1.0, 3.0], 0.9: [0.5]}}  # nats, unscaled
+    assert probe.sweep_points([b], "tie", "zero-shot")[1] == {(): {0.0: [20.0], 0.9: [10.0]}}
+    for i, r in enumerate((a, b)):
+        probe.save_json(tmp_path / f"{i}.json", r)
+    probe.main(["--plot_vs=tie", f"--from_json={tmp_path / '0.json'}", f"--from_json={tmp_path / '1.json'}",
+                "--metrics=ridge top1,signal shape word", f"--plot={tmp_path / 'vs.png'}"])
+    assert open(tmp_path / "vs.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_probe_cli_rejects_unknown_scoring_rules():
     with pytest.raises(data.UsageError, match="--mdc_rules"):
         probe.parse(["--ckpt=random", "--mdc_rules=elbo,pl"])
