@@ -60,7 +60,7 @@ class Config:
     dec_depth: int = 2          # text transformer blocks (decoder, or CLIP text encoder)
     heads: int = 4              # attention heads (encoder and decoder)
     mlp_ratio: float = 4.0      # MLP hidden width / width
-    max_len: int = 24           # caption tokens including [EOS]
+    max_len: int = 16           # caption tokens including [EOS]
     vocab_min_count: int = 1    # words seen fewer times become [UNK]
     # objective knobs
     t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (why 0.5: RESULTS.md)
@@ -80,8 +80,8 @@ class Config:
     teacher: str = ""           # milan: a clip or siglip checkpoint of this project, same data, img_size and patch_size
     # optimisation
     batch_size: int = 128       # global batch, split across DDP processes
-    steps: int = 800            # optimisation steps (the cosine schedule ends here)
-    lr: float = 2e-3            # peak learning rate (AdamW)
+    steps: int = 640            # optimisation steps (the cosine schedule ends here)
+    lr: float = 3e-3            # peak learning rate (AdamW)
     warmup: float = 0.05        # fraction of steps with linear warm-up, then cosine to 0
     weight_decay: float = 0.05  # AdamW decay, not on norms, biases and embeddings
     beta2: float = 0.95         # AdamW second-moment decay
@@ -106,7 +106,7 @@ class Config:
 
 
 PRESETS = {  # DiT-style named sizes
-    "tiny": dict(img_size=32, patch_size=4, width=128, enc_depth=4, dec_depth=2, heads=4),  # CPU, minutes
+    "tiny": dict(img_size=32, patch_size=4, width=128, enc_depth=4, dec_depth=2, heads=4, mlp_ratio=2.0),  # CPU, minutes
     "small": dict(img_size=224, patch_size=16, width=384, enc_depth=12, dec_depth=6, heads=6,  # ViT-S/16, one GPU
                   batch_size=256, lr=1e-3, steps=20000, max_len=32, mim_width=384, mim_depth=4),  # decoder: UMD's
     "base": dict(img_size=224, patch_size=16, width=768, enc_depth=12, dec_depth=6, heads=12,  # ViT-B/16, as CapPa
@@ -122,9 +122,10 @@ RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval
 
 
 def config_help():
-    """Every flag with its default (of --model=tiny) and the comment beside its field in Config."""
+    """Every flag with its default (with --model=tiny) and the comment beside its field in Config."""
     notes = dict(re.findall(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    return "\n".join(f"  {f'--{f.name}={f.default!r}':<28} {notes.get(f.name, '')}" for f in fields(Config))
+    tiny = asdict(Config(**PRESETS["tiny"]))
+    return "\n".join(f"  {f'--{k}={v!r}':<28} {notes.get(k, '')}" for k, v in tiny.items())
 
 
 def parse_args(argv):

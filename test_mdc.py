@@ -460,7 +460,7 @@ MDC_MISTAKES = [
     (["--data=csv:/missing.csv"], "/missing.csv not found"), (["--data=flickr:/wrong/dir"], "/wrong/dir not found"),
     (["--probe=imagefolder:/nowhere"], "/nowhere/train not found"), (["--probe=cifar10", "--data_root={tmp}"], "cifar-10-batches-py"),
     (["--resume", "--out_dir={tmp}"], "no checkpoint at"), (["--resume", "--out_dir={junk}"], "is not a checkpoint"),
-    (["--resume", "--steps=4", "--max_len=12", "--out_dir={run}"], "--max_len=24, this run has --max_len=12"),
+    (["--resume", "--steps=4", "--max_len=12", "--out_dir={run}"], "--max_len=16, this run has --max_len=12"),
     (["--resume", "--steps=4", "--objective=ar", "--out_dir={run}"], "--objective='mdc', this run has --objective='ar'"),
     (["--resume", "--steps=2", "--out_dir={run}"], "already at step 2 of --steps=2"),
 ]
@@ -565,11 +565,10 @@ def pixel_mask(masked, cfg):
 def test_masked_image_losses_are_finite_and_train_every_part(objective, tmp_path):
     cfg, model = mim_model(objective, tmp_path)
     imgs, x, _ = tiny_batch(cfg)
+    if objective == "rils":  # its masked term needs an image whose best caption is its own: with every
+        x = x[:1].expand_as(x)  # caption the same, image 0's best is caption 0 (argmax takes the first)
     loss, n = mdc.LOSSES[objective](model, imgs, x, *mdc.draw_noise(cfg, len(x), 0), cfg)
     assert loss.shape == () and torch.isfinite(loss) and n > 0
-    if objective == "rils":  # the masked term needs an image whose best caption is its own (a precondition)
-        img, txt, _, _ = model(imgs, x, x != PAD, keep=torch.arange(4).expand(len(x), 4))
-        assert ((img @ txt.T).argmax(1) == torch.arange(len(x))).any()
     loss.backward()
     trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     assert {k.split(".")[0] for k, _ in trainable} >= {"encoder", "decoder"} | ({"text", "img_proj", "txt_proj"} if objective == "rils" else set())
