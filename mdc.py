@@ -599,6 +599,9 @@ def siglip_loss(model, imgs, x, u, r, cfg):
 # light PatchDecoder fills in the rest: pixels (mae, umd), a frozen teacher's features (milan), or
 # distributions over the batch's captions (rils, which also trains clip_loss). Which patches are
 # hidden is decided by the patch block of r, so the masks are a pure function of (seed, step).
+# VLMAE (He et al. 2022, arXiv 2208.09374) is not here: its abstract says only that it adds "visual
+# generative learning" to vision-language pre-training, and no code or text giving its losses,
+# masking or decoder could be found, so nothing here could be faithful to it.
 
 
 def patch_noise(r, cfg):
