@@ -144,7 +144,7 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refi
     refit on the whole training set. If the pick is on the edge of the grid, the grid is extended
     by 2 decades that way (and it says so). Every fit runs to convergence (logreg_fit); one that
     ends unconverged (at its cap, max_iter or refit_iter, or stalled even in float64) is reported
-    in the log and listed under 'logreg unconverged'. The penalty is on the weights of the
+    in the log, listed under 'logreg unconverged', and not a candidate for the pick. The penalty is on the weights of the
     standardised features, as in the ridge probe (the PCA rotation leaves it unchanged): on those
     features lam = 1 / (2 N C) in sklearn's terms, its default L2 penalty with a free intercept.
     float32 on the device; the rotation, and a fit's last steps where needed, in float64."""
@@ -155,7 +155,7 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refi
     xf, yf, xh, yh = xtr[fit.to(device)], ytr[fit.to(device)], xtr[hold.to(device)], ytr[hold.to(device)]
     xft = xf.T.contiguous()
     P = {}                       # exponent -> fitted weights, for warm starts
-    accs, evals, unconverged = {}, 0, []
+    accs, evals, unconverged, stalled = {}, 0, [], set()   # stalled: exponents whose hold-out fit did not converge
 
     def fitted(x, xt, y, e, start, cap, what):
         nonlocal evals
@@ -165,17 +165,23 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refi
             unconverged.append(f"{what} 1e{e}")
             log(f"logreg: {what} at lam 1e{e} not converged after {info['iters']} iterations "
                 f"(max gradient {info['grad']:.1e})")
-        return P
+        return P, info["converged"]
 
     def sweep(exps, start):
         for e in exps:
-            P[e] = start = fitted(xf, xft, yf, e, start, max_iter, "hold-out fit")
+            P[e], ok = fitted(xf, xft, yf, e, start, max_iter, "hold-out fit")
+            start = P[e]
             accs[e] = topk(xh @ P[e].T, yh)
+            if not ok:
+                stalled.add(e)
 
     lo, hi = grid
     sweep(range(hi, lo - 1, -1), torch.zeros(n_classes, xtr.shape[1], device=device))
     while True:
-        best = max(accs, key=lambda e: (accs[e], e))         # ties -> the stronger regularisation
+        # lam is picked among the converged fits only: an unconverged fit's hold-out accuracy
+        # says how far the optimiser got, not how good that lam is (all of them if none converged)
+        pool = [e for e in accs if e not in stalled] or list(accs)
+        best = max(pool, key=lambda e: (accs[e], e))         # ties -> the stronger regularisation
         if best == min(accs) and best > -14:
             log(f"logreg: best lam 1e{best} is the weakest tried; extending the grid to 1e{best - 2}")
             sweep(range(best - 1, best - 3, -1), P[best])
@@ -184,7 +190,7 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refi
             sweep(range(best + 1, best + 3), P[best])
         else:
             break
-    W = fitted(xtr, xtr.T.contiguous(), ytr, best, P[best], refit_iter, "refit")
+    W, _ = fitted(xtr, xtr.T.contiguous(), ytr, best, P[best], refit_iter, "refit")
     out = accuracies("logreg", xte @ W.T, yte, n_classes)
     return {**out, "logreg lambda": 10.0 ** best, "logreg holdout": {f"1e{e}": a for e, a in sorted(accs.items())},
             "logreg evals": evals, "logreg unconverged": unconverged, "logreg seconds": time.perf_counter() - t0}

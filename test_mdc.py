@@ -1272,6 +1272,31 @@ def test_lbfgs_converges_at_weak_regularisation_on_ill_conditioned_features():
     assert f_old - best > 1e-3, (f_old, best)                # >1000x the tolerance above
 
 
+def test_lam_is_picked_among_converged_fits_only(monkeypatch):
+    """A hold-out fit that did not converge says how far L-BFGS got, not how good its lam is: even
+    when it scores best on the hold-out it is not picked (here the fit at the lam the sweep would
+    otherwise pick is made to report itself unconverged)."""
+    x, y = blobs(1500, 16, 5, sep=0.8)
+    args = (*split(x, y, 1000), 5)
+    first = probe.logreg_probe(*args, **quiet)
+    e_best = round(math.log10(first["logreg lambda"]))
+    real_fit = probe.logreg_fit
+
+    def fit(x, xt, y, lam, P, max_iter=500, tol=1e-5):
+        P, info = real_fit(x, xt, y, lam, P, max_iter, tol)
+        if round(math.log10(lam)) == e_best and len(x) < 1000:     # the hold-out fit (900 rows), not the refit
+            info = {**info, "converged": False}
+        return P, info
+
+    monkeypatch.setattr(probe, "logreg_fit", fit)
+    logs = []
+    second = probe.logreg_probe(*args, log=logs.append)
+    assert f"hold-out fit 1e{e_best}" in second["logreg unconverged"] and any("not converged" in s for s in logs)
+    assert second["logreg lambda"] != first["logreg lambda"]
+    held = second["logreg holdout"]
+    assert held[f"1e{round(math.log10(second['logreg lambda']))}"] == max(a for k, a in held.items() if k != f"1e{e_best}")
+
+
 def test_grid_is_extended_when_the_best_is_on_its_edge():
     x, y = blobs(1500, 16, 5, sep=0.8)
     logs = []
