@@ -196,11 +196,14 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refi
             "logreg evals": evals, "logreg unconverged": unconverged, "logreg seconds": time.perf_counter() - t0}
 
 
-def sklearn_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), seed=0):
-    """A reference for logreg_probe: scikit-learn's LogisticRegression (lbfgs, tol 1e-6, up to 10^5
+def sklearn_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), seed=0, solver="lbfgs", at_lam=None):
+    """A reference for logreg_probe: scikit-learn's LogisticRegression (`solver`, tol 1e-6, up to 10^5
     iterations, C = 1 / (2 N lam)) doing the same job on the same standardised features: the same
     hold-out, grid, warm starts, edge rule and refit. Only for measuring (pip install scikit-learn);
-    the project does not depend on it. Counts the fits that ended with a ConvergenceWarning."""
+    the project does not depend on it. Counts the fits that ended with a ConvergenceWarning. With
+    at_lam (logreg_probe's pick) it also fits all of the training set at that lam, so the two fitters
+    are compared at the same regularisation. lbfgs can need 10^4-10^5 iterations at weak lam on
+    ill-conditioned features; newton-cholesky (second order) converges in a few."""
     import warnings
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -210,20 +213,21 @@ def sklearn_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), seed=0):
     ytr, yte = ytr.numpy(), yte.numpy()
     coefs, accs, unconverged = {}, {}, []
 
-    def fitted(x, y, e, start):
-        m = LogisticRegression(C=1 / (2 * len(x) * 10.0 ** e), tol=1e-6, max_iter=100_000, warm_start=True)
+    def fitted(x, y, e, start, what="hold-out fit"):
+        m = LogisticRegression(C=1 / (2 * len(x) * 10.0 ** e), tol=1e-6, max_iter=100_000, warm_start=True, solver=solver)
         if start is not None:
             m.coef_, m.intercept_ = (a.copy() for a in coefs[start])
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always", ConvergenceWarning)
             m.fit(x, y)
-        if any(issubclass(i.category, ConvergenceWarning) for i in w):
-            unconverged.append(f"1e{e}")
-        return m
+        ok = not any(issubclass(i.category, ConvergenceWarning) for i in w)
+        if not ok:
+            unconverged.append(f"{what} 1e{e}")
+        return m, ok
 
     def sweep(exps, start):
         for e in exps:
-            m = fitted(xtr[fit], ytr[fit], e, start)
+            m, _ = fitted(xtr[fit], ytr[fit], e, start)
             coefs[e], accs[e], start = (m.coef_, m.intercept_), float((m.predict(xtr[hold]) == ytr[hold]).mean()), e
 
     lo, hi = grid
@@ -236,19 +240,25 @@ def sklearn_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), seed=0):
             sweep(range(best + 1, best + 3), best)
         else:
             break
-    m = fitted(xtr, ytr, best, best)
-    return {"sklearn top1": float((m.predict(xte) == yte).mean()), "sklearn lambda": 10.0 ** best,
-            "sklearn unconverged": unconverged, "sklearn seconds": time.perf_counter() - t0}
+    m, _ = fitted(xtr, ytr, best, best, "refit")
+    out = {"sklearn top1": float((m.predict(xte) == yte).mean()), "sklearn lambda": 10.0 ** best,
+           "sklearn unconverged": unconverged, "sklearn seconds": time.perf_counter() - t0, "sklearn solver": solver}
+    if at_lam is not None:  # from scratch, on all of the training set, at the other fitter's lam
+        t0 = time.perf_counter()
+        m, ok = fitted(xtr, ytr, round(float(np.log10(at_lam))), None, "fit at the L-BFGS probe's lam")
+        out.update({"sklearn top1 at logreg lambda": float((m.predict(xte) == yte).mean()),
+                    "sklearn converged at logreg lambda": ok, "sklearn seconds at logreg lambda": time.perf_counter() - t0})
+    return out
 
 
-def linear_probe(xtr, ytr, xte, yte, n_classes, fitter="both", device="cpu", log=print):
+def linear_probe(xtr, ytr, xte, yte, n_classes, fitter="both", device="cpu", log=print, sklearn_solver="lbfgs"):
     out = {}
     if fitter in ("ridge", "both"):
         out.update(ridge_probe(xtr, ytr, xte, yte, n_classes, log=log))
     if fitter in ("lbfgs", "both", "sklearn"):
         out.update(logreg_probe(xtr, ytr, xte, yte, n_classes, device=device, log=log))
     if fitter == "sklearn":
-        out.update(sklearn_probe(xtr, ytr, xte, yte, n_classes))
+        out.update(sklearn_probe(xtr, ytr, xte, yte, n_classes, solver=sklearn_solver, at_lam=out["logreg lambda"]))
     return out
 
 
@@ -805,6 +815,8 @@ def parse(argv):
     p.add_argument("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
     p.add_argument("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"],
                    help="sklearn: L-BFGS and, as a reference, scikit-learn doing the same job (pip install scikit-learn)")
+    p.add_argument("--sklearn_solver", default="lbfgs", choices=["lbfgs", "newton-cholesky"],
+                   help="--fitter=sklearn: scikit-learn's solver (newton-cholesky converges where lbfgs needs 10^5 iterations)")
     p.add_argument("--zeroshot", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compositional", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=None)
@@ -880,7 +892,7 @@ def main(argv):
         xtr, ytr, _ = probe_features(e, "train", args, device, datasets)
         xte, yte, te = probe_features(e, "test", args, device, datasets)
         n_classes = int(max(ytr.max(), yte.max())) + 1
-        m = linear_probe(xtr, ytr, xte, yte, n_classes, args.fitter, device, log)
+        m = linear_probe(xtr, ytr, xte, yte, n_classes, args.fitter, device, log, args.sklearn_solver)
         cfg = e["cfg"]
         if e["kind"] == "ckpt" and not RULES[cfg.objective]:
             log(f"{cfg.objective} has no text side: linear probe only (no zero-shot, compositionality, retrieval, signal)")
@@ -922,8 +934,10 @@ def main(argv):
         for e in results["encoders"]:
             m = e["metrics"]
             print(f"{e['name']}: L-BFGS probe {m['logreg seconds']:.1f} s (lam {m['logreg lambda']:.0e}, unconverged "
-                  f"{m['logreg unconverged'] or 'none'}) | scikit-learn {m['sklearn seconds']:.1f} s (lam "
-                  f"{m['sklearn lambda']:.0e}, unconverged {m['sklearn unconverged'] or 'none'}) | {torch.get_num_threads()} threads")
+                  f"{m['logreg unconverged'] or 'none'}) | scikit-learn {m['sklearn solver']} {m['sklearn seconds']:.1f} s (lam "
+                  f"{m['sklearn lambda']:.0e}, unconverged {m['sklearn unconverged'] or 'none'}); at the L-BFGS probe's lam "
+                  f"{100 * m['sklearn top1 at logreg lambda']:.1f}% in {m['sklearn seconds at logreg lambda']:.1f} s "
+                  f"({'converged' if m['sklearn converged at logreg lambda'] else 'NOT converged'}) | {torch.get_num_threads()} threads")
     if do_sig:
         print("signal early / middle / late: mean CE(mismatched image) - CE(true image) in nats over the "
               "first, middle and last third of each caption, and at the shape / colour / size words; mdc at its "

@@ -1297,6 +1297,17 @@ def test_lam_is_picked_among_converged_fits_only(monkeypatch):
     assert held[f"1e{round(math.log10(second['logreg lambda']))}"] == max(a for k, a in held.items() if k != f"1e{e_best}")
 
 
+@pytest.mark.parametrize("solver", ["lbfgs", "newton-cholesky"])
+def test_the_sklearn_reference_agrees_with_the_lbfgs_probe(solver):
+    """--fitter=sklearn (only where scikit-learn is installed; the project does not need it): at the
+    L-BFGS probe's own lam, scikit-learn's converged fit predicts the test set the same way."""
+    pytest.importorskip("sklearn")
+    x, y = blobs(1500, 16, 5, sep=0.6)
+    r = probe.linear_probe(*split(x, y, 1000), 5, fitter="sklearn", log=lambda s: None, sklearn_solver=solver)
+    assert r["sklearn converged at logreg lambda"] and r["sklearn solver"] == solver
+    assert abs(r["sklearn top1 at logreg lambda"] - r["logreg top1"]) <= 0.004    # 2 of 500 test points
+
+
 def test_grid_is_extended_when_the_best_is_on_its_edge():
     x, y = blobs(1500, 16, 5, sep=0.8)
     logs = []
