@@ -810,6 +810,9 @@ def parse(argv):
     p.add_argument("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded subset) or a file of wnids")
     p.add_argument("--per_class", type=int, default=0, help="cap on training images per class (0 = all)")
     p.add_argument("--captions", default=None, help="caption dataset for compositionality and retrieval (default shapes)")
+    p.add_argument("--caption_tie", type=float, default=None,
+                   help="shapes: the --tie of the captions that compositionality, retrieval and the signal use (default: each "
+                        "model's own); 0 tells whether a model trained with a tie sees shape in the image, not only colour")
     p.add_argument("--model", default="tiny", help="preset for 'random' when no checkpoint is given")
     p.add_argument("--img_size", type=int, default=0, help="input size for 'random'/'pixels' when no checkpoint is given")
     p.add_argument("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
@@ -845,7 +848,7 @@ def parse(argv):
         p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(RULES['mdc'])}")
     for name, ok in (("K", a.K >= 1), ("n_eval", a.n_eval >= 1), ("n_retrieval", a.n_retrieval >= 2),
                      ("batch_size", a.batch_size >= 1), ("per_class", a.per_class >= 0), ("pixel_size", a.pixel_size >= 1),
-                     ("img_size", a.img_size >= 0)):
+                     ("img_size", a.img_size >= 0), ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
         if not ok:
             p.error(f"--{name}={getattr(a, name)} is out of range")
     if missing := [c for c in a.ckpt if c not in ("random", "pixels") and not os.path.isfile(c)]:
@@ -902,11 +905,12 @@ def main(argv):
             if do_zs and (zs := zeroshot(model, cfg, tok, te(), args.dataset, args.n_eval, args.K, args.seed, args.batch_size, rules)):
                 m["zero-shot"] = zs
             if do_comp or do_ret or do_sig or args.logits:
-                key = (captions, cfg.img_size, cfg.tie, cfg.order)   # shapes: the model's own world
+                tie = cfg.tie if args.caption_tie is None else args.caption_tie   # shapes: the model's own world by default
+                key = (captions, cfg.img_size, tie, cfg.order)
                 if key not in caption_sets:
                     caption_sets[key] = data.build_caption_data(captions, img_size=cfg.img_size, seed=args.seed,
-                                                                tie=cfg.tie, order=cfg.order)[1]
-                val = caption_sets[key]
+                                                                tie=tie, order=cfg.order)[1]
+                val, m["caption tie"] = caption_sets[key], tie
                 cap_synth = captions == "shapes"
                 if do_comp:
                     imgs, caps = multi_object(val, args.n_eval) if cap_synth else val.batch(np.arange(args.n_eval), 0)

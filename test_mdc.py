@@ -4,6 +4,7 @@ code itself printed. Sections: mdc.py (objectives, masks, learning, training loo
 (loaders on fixtures the tests write, bad input, the batch stream, the cache), probe.py
 (fitters, feature cache, caption scoring, corruptions, position signal)."""
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -1539,6 +1540,23 @@ def test_results_json_round_trips(models, tmp_path):
     assert [e["name"] for e in back["encoders"]] == [path, "random", "pixels"]
     assert back["encoders"][0]["config"]["width"] == 32 and "zero-shot" in back["encoders"][0]["metrics"]
     assert probe.format_table(back) == probe.format_table(res)
+
+
+def test_caption_tie_sets_the_world_of_the_signal(models, tmp_path, monkeypatch):
+    """probe.py measures the signal on captions of the model's own --tie unless --caption_tie says
+    otherwise (0: shape independent of colour, whatever the model was trained with)."""
+    model, cfg, tok = models["mdc"]
+    path = str(tmp_path / "tied.pt")
+    mdc.save_checkpoint(path, model, None, dataclasses.replace(cfg, tie=0.9), tok, 0)
+    worlds, build = [], data.build_caption_data
+    monkeypatch.setattr(data, "build_caption_data", lambda *a, **k: worlds.append(k["tie"]) or build(*a, **k))
+    common = [f"--ckpt={path}", "--fitter=ridge", "--no-zeroshot", "--no-compositional", "--no-retrieval",
+              "--n_eval=12", "--K=1", f"--cache_dir={tmp_path}/cache"]
+    own = probe.main(common)
+    assert worlds == [0.9] and own["encoders"][0]["metrics"]["caption tie"] == 0.9
+    untied = probe.main(common + ["--caption_tie=0"])
+    assert worlds == [0.9, 0.0] and untied["encoders"][0]["metrics"]["caption tie"] == 0.0
+    assert "signal shape word" in untied["encoders"][0]["metrics"]
 
 
 # =============================================================================
