@@ -89,6 +89,7 @@ class Config:
     # evaluation, logging, checkpoints
     eval_every: int = 400       # validation loss every so many steps (0 = never)
     ckpt_every: int = 400       # checkpoint every so many steps (always at the end)
+    keep_ckpts: bool = False    # also keep each checkpoint as out_dir/step{N}.pt (probing along training)
     log_every: int = 50         # a row of out_dir/log.csv every so many steps
     sample_steps: int = 0       # mdc generation: denoising steps (0 = one token per step)
     sample_order: str = "confidence"  # mdc generation: confidence (MaskGIT) | random (MDLM ancestral)
@@ -117,7 +118,7 @@ OBJECTIVES = ("mdc", "ar", "cappa", "clip", "siglip", "mae", "umd", "milan", "ri
 
 UsageError = data.UsageError  # a mistake at the command line: one line, exit status 2 (data.command_line)
 # the flags a --resume may change: how long and how the run goes on, not what it trains
-RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval_every", "ckpt_every", "log_every",
+RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval_every", "ckpt_every", "keep_ckpts", "log_every",
              "sample_steps", "sample_order", "probe", "data_root", "out_dir", "num_workers", "device", "compile", "bench", "bench_steps")
 
 
@@ -1214,6 +1215,8 @@ def train(cfg, callback=None):
             callback(row)
         if done % cfg.ckpt_every == 0 or done == end:
             save_checkpoint(ckpt_path, model, opt, cfg, tok, done)
+            if cfg.keep_ckpts:  # the model alone: enough to probe, a fifth of the size
+                save_checkpoint(os.path.join(cfg.out_dir, f"step{done}.pt"), model, None, cfg, tok, done)
     bar.close()
     if world > 1:
         check_ranks_in_sync(model, master)
