@@ -1,16 +1,16 @@
 """
 Masked diffusion captioning (MDC) for visual feature learning, in one file.
 
-A ViT encodes the image; a text decoder that cross-attends to the image tokens
-recovers a caption whose tokens were replaced by [MASK] with probability t,
-t ~ U(t_min, 1), and the masked cross-entropy is weighted by 1/t (Feng, Wei,
-Owens 2025, following MDLM/LLaDA). After training the decoder is dropped and the
-encoder is judged by a linear probe. The baselines share the same encoder and
-decoder and differ only in corruption and attention: `ar` (autoregressive
-captioning), `cappa` (CapPa's parallel prediction) and `clip`/`siglip`
-(contrastive, the decoder becomes a text encoder). The masked-image objectives
-`mae`, `umd`, `milan` and `rils` (their own section, after the others) show the
-same ViT only a quarter of the patches and train it to fill in the rest.
+A ViT encodes the image; a text decoder that cross-attends to the image tokens recovers a caption
+whose tokens were replaced by [MASK] with probability t, t ~ U(t_min, 1), and the cross-entropy at
+the masked tokens is weighted by 1/t (Feng, Wei, Owens 2025, following MDLM and LLaDA). After
+training the decoder is dropped and the encoder is judged by a linear probe (probe.py).
+
+In that order below: Config, the building blocks, Model, the noise, `mdc_loss`, sampling and
+scoring; the baselines, on the same encoder and decoder (`ar`, `cappa`; `clip`, `siglip`, whose
+decoder becomes a text encoder); fenced off, the masked-image relatives (`mae`, `umd`, `milan`,
+`rils`: the encoder sees some of the patches, a light decoder fills in the rest); the training
+loop; the command line.
 
     python mdc.py                       # MDC on the built-in synthetic data, CPU, minutes
     python mdc.py --objective=ar        # the same with autoregressive captioning
@@ -25,6 +25,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +36,8 @@ from tqdm import tqdm
 
 import data
 from data import BOS, MASK, PAD
+
+UsageError = data.UsageError  # a mistake at the command line: one line, exit status 2 (data.command_line)
 
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag, --key=value
@@ -66,6 +69,9 @@ class Config:
     t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (why 0.5: RESULTS.md)
     mdc_weight: str = "elbo"    # mdc: elbo = 1/t-weighted masked CE over real tokens; none = mean masked CE
     antithetic: bool = True     # mdc: low-discrepancy t across the batch (MDLM), lowers loss variance
+    # Off by default, a deviation: [PAD] is never masked nor a key, so mdc and cappa's parallel branch know the
+    # length. big_vision's cappa.py masks and attends over all (its loss skips pads); LLaDA masks and predicts pads.
+    hide_length: bool = False   # mdc, cappa: every position up to max_len is masked and attended, [PAD] too (mdc predicts it)
     tie: float = 0.0            # shapes: probability that an object's shape is the one its colour implies (a text prior)
     order: str = "color_first"  # shapes: color_first ("a small red circle") | shape_first ("a small circle in red")
     cappa_frac: float = 0.75    # cappa: fraction of examples with all tokens masked (parallel prediction)
@@ -92,7 +98,7 @@ class Config:
     keep_ckpts: bool = False    # also keep each checkpoint as out_dir/step{N}.pt (probing along training)
     log_every: int = 50         # a row of out_dir/log.csv every so many steps
     sample_steps: int = 0       # mdc generation: denoising steps (0 = one token per step)
-    sample_order: str = "confidence"  # mdc generation: confidence (MaskGIT) | random (MDLM ancestral)
+    sample_order: str = "confidence"  # mdc generation: confidence (MaskGIT) | random (LLaDA's random remasking, argmax tokens)
     probe: str = "shapes"       # probe dataset at the end of training ("" to skip)
     data_root: str = "data"     # where --probe=cifar10/cifar100 are (or are downloaded to)
     seed: int = 0               # initialisation, data order, noise: a run is a function of its flags
@@ -113,113 +119,31 @@ PRESETS = {  # DiT-style named sizes
     "base": dict(img_size=224, patch_size=16, width=768, enc_depth=12, dec_depth=6, heads=12,  # ViT-B/16, as CapPa
                  batch_size=256, lr=1e-3, steps=20000, max_len=32, mim_width=512, mim_depth=8),  # decoder: MAE's
 }
-OBJECTIVES = ("mdc", "ar", "cappa", "clip", "siglip", "mae", "umd", "milan", "rils")
 
-
-UsageError = data.UsageError  # a mistake at the command line: one line, exit status 2 (data.command_line)
-# the flags a --resume may change: how long and how the run goes on, not what it trains
-RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval_every", "ckpt_every", "keep_ckpts", "log_every",
-             "sample_steps", "sample_order", "probe", "data_root", "out_dir", "num_workers", "device", "compile", "bench", "bench_steps")
-
-
-def config_help():
-    """Every flag with its default (with --model=tiny) and the comment beside its field in Config."""
-    notes = dict(re.findall(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    tiny = asdict(Config(**PRESETS["tiny"]))
-    return "\n".join(f"  {f'--{k}={v!r}':<28} {notes.get(k, '')}" for k, v in tiny.items())
-
-
-def parse_args(argv):
-    """--key=value flags -> Config. --model=NAME applies a preset first; explicit flags win.
-    A bad flag or value is a UsageError that names it; every check runs before any work starts."""
-    names = {f.name: f for f in fields(Config)}
-    if "--help" in argv or "-h" in argv:
-        print("python mdc.py --key=value ...  (a bare --flag means --flag=True)\n" + config_help())
-        raise SystemExit(0)
-    overrides = {}
-    for arg in argv:
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean --{close[0]}?" if close else ""
-            raise UsageError(f"unknown flag {arg!r}{hint} (python mdc.py --help lists every flag)")
-        typ = names[key].type
-        try:
-            if typ == "bool" or typ is bool:
-                if val.lower() not in ("", "1", "true", "0", "false"):
-                    raise ValueError
-                overrides[key] = val.lower() in ("", "1", "true")  # a bare --flag means True
-            else:
-                overrides[key] = {"int": int, "float": float, "str": str}.get(typ, typ)(val) if eq else None
-                if overrides[key] is None:
-                    raise ValueError
-        except ValueError:
-            raise UsageError(f"--{key} expects a {getattr(typ, '__name__', typ)}, got {val!r}") from None
-    preset = overrides.get("model", Config.model)
-    if preset not in PRESETS:
-        raise UsageError(f"--model must be one of {list(PRESETS)}, got {preset!r}")
-    cfg = Config(**{**PRESETS[preset], **overrides})
-    check_config(cfg)
-    return cfg
-
-
-def check_config(c):
-    """Every value in range, or a UsageError naming the flag, the value and what it must be."""
-    kind = c.data.partition(":")[0]
-    n_patches = (c.img_size // max(c.patch_size, 1)) ** 2
-    rules = [
-        ("objective", c.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
-        ("data", kind in data.CAPTION_KINDS_LIST, data.CAPTION_KINDS),
-        ("mdc_weight", c.mdc_weight in ("elbo", "none"), "elbo or none"),
-        ("sample_order", c.sample_order in ("confidence", "random"), "confidence or random"),
-        ("order", c.order in data.ORDERS, " or ".join(data.ORDERS)), ("tie", 0 <= c.tie <= 1, "a probability, in [0, 1]"),
-        ("device", c.device in ("auto", "cpu") or c.device.startswith("cuda"), "auto, cpu or cuda"),
-        ("t_min", 0 < c.t_min <= 1, "in (0, 1]"),
-        ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"),
-        ("val_frac", 0 <= c.val_frac < 1, "in [0, 1)"),
-        ("warmup", 0 <= c.warmup <= 1, "a fraction of the steps, in [0, 1]"),
-        ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
-        ("lr", c.lr > 0, "> 0"),
-        ("batch_size", c.batch_size >= 1, ">= 1 (the global batch)"),
-        ("steps", c.steps >= 1, ">= 1"),
-        ("max_len", c.max_len >= 2, ">= 2 (a word and [EOS])"),
-        ("img_size", c.img_size >= c.patch_size >= 1 and c.img_size % c.patch_size == 0,
-         f"a multiple of --patch_size={c.patch_size}"),
-        ("width", c.heads >= 1 and c.width % c.heads == 0 and c.width % 4 == 0 and c.width > 0,
-         f"a multiple of 4 and of --heads={c.heads}"),
-        ("enc_depth", c.enc_depth >= 1, ">= 1"), ("dec_depth", c.dec_depth >= 1, ">= 1"),
-        ("mlp_ratio", c.mlp_ratio > 0, "> 0"), ("vocab_min_count", c.vocab_min_count >= 1, ">= 1"),
-        ("weight_decay", c.weight_decay >= 0, ">= 0"), ("grad_clip", c.grad_clip >= 0, ">= 0 (0 = no clipping)"),
-        ("z_loss", c.z_loss >= 0, ">= 0"), ("num_workers", c.num_workers >= 0, ">= 0"),
-        ("eval_every", c.eval_every >= 0, ">= 0 (0 = never)"), ("ckpt_every", c.ckpt_every >= 1, ">= 1"),
-        ("log_every", c.log_every >= 1, ">= 1"), ("sample_steps", c.sample_steps >= 0, ">= 0 (0 = one token per step)"),
-        ("stop_after", c.stop_after >= 0, ">= 0 (0 = run to --steps)"), ("bench_steps", c.bench_steps >= 1, ">= 1"),
-        ("mask_ratio", all(1 <= int(n_patches * (1 - m)) < n_patches for m in (c.mask_ratio, c.umd_mask_noised)),
-         f"such that at least one of the {n_patches} patches is visible and one hidden (so must --umd_mask_noised)"),
-        ("mim_width", c.mim_width > 0 and c.mim_width % 32 == 0, "a multiple of 32 (decoder heads of 32 channels)"),
-        ("teacher", c.objective != "milan" or os.path.isfile(c.teacher),
-         "a clip or siglip checkpoint of this project trained on the same data (--objective=milan needs it)"),
-    ]
-    for key, ok, want in rules:
-        if not ok:
-            raise UsageError(f"--{key}={getattr(c, key)!r}: must be {want}")
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device={c.device}: no CUDA device is available here (use --device=cpu or auto)")
-    if c.probe:
-        data.check_probe(c.probe, c.data_root)
+# The objectives by family: the Config checks, the parts Model builds, how probe.py scores a caption and
+# which runs show captions read these; LOSSES, after the objectives, maps each name to its loss.
+CAPTIONERS = ("mdc", "ar", "cappa")         # a caption decoder: cross-attends to the image, predicts the words
+CAUSAL = ("ar", "cappa")                    # captioners trained left to right: exact likelihood, greedy decoding
+CONTRASTIVE = {"clip": (1 / 0.07, None),    # a text encoder; the initial logit scale and bias (None: no bias):
+               "siglip": (10.0, -10.0),     # CLIP's 1/0.07, SigLIP's 10 and -10
+               "rils": (1 / 0.07, None)}
+MASKED_IMAGE = ("mae", "umd", "milan", "rils")  # a patch decoder: the encoder sees a subset of the patches
+TAUGHT, TEACHERS = ("milan",), ("clip", "siglip")  # objectives that learn from a frozen --teacher, and what it may be
+OBJECTIVES = CAPTIONERS + ("clip", "siglip") + MASKED_IMAGE
 
 
 # -----------------------------------------------------------------------------
-# Building blocks: attention, MLP, a pre-LN block with optional cross-attention
+# Building blocks: attention, a pre-LN block with optional cross-attention, the ViT, the text transformer
 
 
 class Attention(nn.Module):
     def __init__(self, dim, heads, qk_norm=False, cross=False):
         super().__init__()
         self.heads, self.cross = heads, cross
-        # self-attention: one fused q,k,v matmul; cross-attention: q from text, k,v from image
-        self.qkv = nn.Linear(dim, dim if cross else 3 * dim)
-        self.kv = nn.Linear(dim, 2 * dim) if cross else None
+        if cross:  # queries from the text, keys and values from the image tokens
+            self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        else:      # one fused q, k, v matmul
+            self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         hd = dim // heads
         self.q_norm = nn.LayerNorm(hd) if qk_norm else nn.Identity()
@@ -230,7 +154,7 @@ class Attention(nn.Module):
         H = self.heads
         if self.cross:
             S = ctx.shape[1]
-            q = self.qkv(x).view(B, T, H, D // H).transpose(1, 2)                     # (B, H, T, hd)
+            q = self.q(x).view(B, T, H, D // H).transpose(1, 2)                        # (B, H, T, hd)
             k, v = self.kv(ctx).view(B, S, 2, H, D // H).permute(2, 0, 3, 1, 4)      # 2 x (B, H, S, hd)
         else:
             q, k, v = self.qkv(x).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)   # 3 x (B, H, T, hd)
@@ -262,10 +186,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-# -----------------------------------------------------------------------------
-# Models: the ViT encoder, the text transformer (decoder or CLIP text encoder)
-
-
 def sincos_2d(grid, dim):
     """(1, grid*grid, dim) fixed position table: half the channels encode the row, half the column."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))          # (dim/4,)
@@ -293,8 +213,12 @@ class ViT(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
+    def normalize(self, imgs):
+        """[0, 1] images -> per channel minus the ImageNet mean, over its standard deviation."""
+        return (imgs - self.mean) / self.std
+
     def embed(self, imgs):
-        x = self.patch((imgs - self.mean) / self.std)         # (B, D, S/p, S/p)
+        x = self.patch(self.normalize(imgs))                  # (B, D, S/p, S/p)
         return x.flatten(2).transpose(1, 2) + self.pos        # (B, N, D), row-major patches
 
     def forward(self, imgs, keep=None):
@@ -308,13 +232,14 @@ class ViT(nn.Module):
         return self.ln(x)
 
     def features(self, imgs):
+        """The probe feature of every objective: the mean of the tokens of the whole, clean image."""
         return self.forward(imgs).mean(1)                     # (B, D)
 
 
 def attention_mask(real, causal):
-    """real: (B, L) bool, False at [PAD]; causal: bool or (B,) bool tensor (cappa mixes both).
-    Returns (B, 1, L, L) bool, True = query may attend key. Pads are never keys, so they
-    cannot influence real positions; every query sees at least position 0 (never a pad)."""
+    """real: (B, L) bool, the positions that are keys (False at [PAD]); causal: bool or (B,) bool
+    tensor (cappa mixes both). Returns (B, 1, L, L) bool, True = query may attend key. Pads are never
+    keys, so they cannot influence real positions; every query sees at least position 0 (never a pad)."""
     B, L = real.shape
     allowed = real[:, None, None, :].expand(B, 1, L, L)                   # (B, 1, L, L) keys that are real
     if causal is False:
@@ -343,6 +268,295 @@ class TextTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x, mask=mask, ctx=v)
         return self.ln(x)
+
+
+# -----------------------------------------------------------------------------
+# Model: the encoder and the text side
+
+
+class Model(nn.Module):
+    """The ViT encoder and a text transformer: with a vocabulary head, the caption decoder of the
+    captioners; without cross-attention and with two projections, the text encoder of the
+    contrastive objectives. The masked-image objectives add a patch decoder (MaskedImageModel)."""
+
+    def __init__(self, cfg, vocab_size, len_hist=None, teacher_cfg=None):
+        super().__init__()
+        self.cfg = cfg
+        self.contrastive = cfg.objective in CONTRASTIVE
+        self.encoder = ViT(cfg)
+        if cfg.objective in CAPTIONERS or self.contrastive:
+            self.text = TextTransformer(cfg, vocab_size, cross=not self.contrastive)
+        if self.contrastive:
+            self.img_proj = nn.Linear(cfg.width, cfg.width, bias=False)
+            self.txt_proj = nn.Linear(cfg.width, cfg.width, bias=False)
+            init_s, init_b = CONTRASTIVE[cfg.objective]
+            self.log_scale = nn.Parameter(torch.tensor(math.log(init_s)))   # s = exp(log_s)
+            if init_b is not None:  # SigLIP's learned bias
+                self.logit_bias = nn.Parameter(torch.tensor(init_b))
+        elif cfg.objective in CAPTIONERS:
+            self.head = nn.Linear(cfg.width, vocab_size, bias=False)
+        self.add_parts(cfg, teacher_cfg)
+        # caption-length prior (counts of lengths incl. [EOS]); mdc generation draws L' from it
+        self.register_buffer("len_hist", torch.ones(cfg.max_len + 1) if len_hist is None else len_hist.float())
+        self.apply(self._init)
+
+    def add_parts(self, cfg, teacher_cfg):  # MaskedImageModel adds its patch decoder here, before the init
+        pass
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def decode(self, tokens, v, real, causal=False):
+        """Logits (B, L, V) of the caption tokens given image tokens v (B, N, D)."""
+        logits = self.head(self.text(tokens, real, causal, v))  # (B, L, V)
+        # [MASK] is never a target, so it is never predicted (MDLM sets its logit to -inf)
+        return logits.index_fill(-1, torch.tensor([MASK], device=logits.device), float("-inf"))
+
+    def embed(self, v, tokens, real):
+        """Contrastive embeddings: image (B, D) from mean-pooled tokens, text (B, D) at [EOS]."""
+        img = F.normalize(self.img_proj(v.mean(1)), dim=-1)
+        h = self.text(tokens, real)                              # (B, L, D), bidirectional
+        eos = real.sum(1) - 1                                    # (B,) [EOS] is the last real token
+        txt = F.normalize(self.txt_proj(h[torch.arange(len(h)), eos]), dim=-1)
+        return img, txt
+
+    def forward(self, imgs, tokens, real, causal=False):
+        # the single entry point, so DistributedDataParallel sees every parameter used
+        v = self.encoder(imgs)                                               # (B, N, D)
+        return self.embed(v, tokens, real) if self.contrastive else self.decode(tokens, v, real, causal)
+
+
+# -----------------------------------------------------------------------------
+# Noise, the corruption, the MDC loss. Every objective is a pure function of (model, images, tokens,
+# noise) -> (loss, n), n the count the loss is normalised by (DDP renormalises by the global count).
+
+
+class Noise(NamedTuple):  # the uniforms of one step's global batch, a field for each use
+    u: torch.Tensor         # (B,) mdc: t; cappa: which branch; umd: which half and the diffusion step
+    caption: torch.Tensor   # (B, max_len) mdc: which caption tokens are masked
+    patches: torch.Tensor   # (B, N) masked-image objectives: which of the N patches are hidden
+    pixels: torch.Tensor    # (B, 2) umd: the seeds of each image's Gaussian noise
+
+    def to(self, device):
+        return Noise(*(a.to(device) for a in self))
+
+
+def draw_noise(cfg, B, step, salt=0):
+    """Noise for the global batch at `step`: a pure function of (seed, step), so a resumed run and a
+    DDP run (each rank slices the global draw) see the same. The fields are drawn in the order
+    above, each after the last, so adding one changes none before it."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
+    if cfg.antithetic:  # MDLM: u_i = (u0 + i/B) mod 1 spreads t evenly over the batch
+        u = (torch.rand(1, generator=g) + torch.arange(B) / B) % 1
+        u = u[torch.randperm(B, generator=g)]  # so no rank gets only the small t's
+    else:
+        u = torch.rand(B, generator=g)
+    caption = torch.rand(B, cfg.max_len, generator=g)
+    patches = torch.rand(B, (cfg.img_size // cfg.patch_size) ** 2, generator=g)
+    return Noise(u, caption, patches, torch.rand(B, 2, generator=g))
+
+
+def sample_t(u, t_min):
+    """Mask ratio per caption: t ~ U(t_min, 1), from uniforms u in [0, 1)."""
+    return t_min + (1 - t_min) * u
+
+
+def corrupt(x, t, r, hide_length=False):
+    """MDC's forward process: every real token of x (B, L) becomes [MASK] with probability t,
+    t a number or (B,) per caption, decided by its uniform r (B, L) < t; [PAD] stays [PAD]
+    (with hide_length it is masked like a word). Training, scoring and the signal measurements
+    all corrupt through here. Returns (x_t (B, L) ids, masked (B, L) bool)."""
+    t = torch.as_tensor(t, dtype=r.dtype, device=r.device).reshape(-1, 1)   # (B or 1, 1)
+    masked = (r[:, :x.shape[1]] < t) & ((x != PAD) | hide_length)            # (B, L)
+    return torch.where(masked, MASK, x), masked
+
+
+def positions(x, cfg):
+    """(B, L) bool, the positions the decoder reads: the caption's tokens, [EOS] included, or with
+    --hide_length every position up to max_len, [PAD] included."""
+    return torch.ones_like(x, dtype=torch.bool) if cfg.hide_length else x != PAD
+
+
+def token_ce(logits, x):
+    return F.cross_entropy(logits.transpose(1, 2), x, reduction="none")     # (B, L)
+
+
+def z_penalty(logits, real, z_loss):
+    """z-loss: pushes log Z of the logits towards 0 so they cannot drift (PaLM)."""
+    if not z_loss:
+        return 0.0
+    return z_loss * (torch.logsumexp(logits.float(), -1) ** 2 * real).sum() / real.sum()
+
+
+def mdc_loss(model, imgs, x, noise, cfg):
+    """Masked diffusion captioning. x: (B, L) ids with [PAD]; noise: draw_noise's (u, caption).
+    Mask every real token with probability t ~ U(t_min, 1), predict the masked ones from the rest
+    and the image, weight their cross-entropy by 1/t. With t_min -> 0 this is the masked-diffusion
+    bound on -log p(caption | image) per token (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025);
+    t_min > 0 leaves out the nearly unmasked captions, which the text alone can fill in."""
+    real = positions(x, cfg)                                   # (B, L) the tokens, [PAD] too with --hide_length
+    t = sample_t(noise.u, cfg.t_min)                           # (B,) mask ratio per caption
+    xt, masked = corrupt(x, t, noise.caption, cfg.hide_length)  # (B, L), True = replaced by [MASK]
+    logits = model(imgs, xt, real)                             # (B, L, V), bidirectional
+    ce = token_ce(logits, x) * masked                          # (B, L) CE at masked tokens only
+    if cfg.mdc_weight == "elbo":  # 1/t: each token counts once in expectation, whatever t
+        n = real.sum()
+        loss = (ce / t[:, None]).sum() / n
+    else:                          # ablation: plain mean CE over the masked tokens
+        n = masked.sum().clamp(min=1)
+        loss = ce.sum() / n
+    return loss + z_penalty(logits, real, cfg.z_loss), n
+
+
+# -----------------------------------------------------------------------------
+# Sampling and scoring
+
+
+@torch.no_grad()
+def generate_mdc(model, imgs, length=None, steps=0, order="confidence", generator=None):
+    """MDC captions by iterative unmasking: start from L' [MASK] tokens and over `steps` rounds
+    (0 = one token per round) predict every masked position and commit a scheduled number of them,
+    each as its most likely token: the most confident first (MaskGIT, Chang et al. 2022), or in a
+    random order (LLaDA's random remasking at temperature 0; MDLM's ancestral sampler would instead
+    draw the tokens and unmask a random number of them). L' is `length` (an int or (B,)) or drawn
+    from the model's caption-length prior; with --hide_length it is max_len, and the model writes
+    the [PAD]s itself. images (B, 3, S, S) -> ids (B, L')."""
+    v = model.encoder(imgs)                                             # (B, N, D)
+    B, dev = len(imgs), imgs.device
+    if model.cfg.hide_length:
+        length = model.cfg.max_len
+    elif length is None:
+        length = torch.multinomial(model.len_hist[1:].float().cpu(), B, True, generator=generator) + 1
+    length = torch.as_tensor(length, device=dev).expand(B)              # (B,) tokens, [EOS] included
+    real = torch.arange(int(length.max()), device=dev)[None] < length[:, None]   # (B, L')
+    x = torch.where(real, MASK, PAD)                                    # (B, L') all masked
+    steps = steps or real.shape[1]
+    for k in range(steps):
+        masked = x == MASK
+        conf, pred = model.decode(x, v, real).float().softmax(-1).max(-1)   # (B, L') each
+        if order == "random":
+            conf = torch.rand(conf.shape, generator=generator).to(dev)
+        keep = (length.float() * (1 - (k + 1) / steps)).floor().long()   # (B,) still masked after round k
+        conf = conf.masked_fill(~masked, -1.0)                          # only masked positions compete
+        rank = conf.argsort(1, descending=True).argsort(1)               # (B, L') 0 = most confident
+        x = torch.where(masked & (rank < (masked.sum(1) - keep)[:, None]), pred, x)
+    return x
+
+
+@torch.no_grad()
+def generate_ar(model, imgs, max_len):
+    """Greedy left-to-right captions (ar, cappa): images (B, 3, S, S) -> ids (B, max_len).
+    Decode with Tokenizer.decode, which stops at [EOS]."""
+    v = model.encoder(imgs)                                             # (B, N, D)
+    B, dev = len(imgs), imgs.device
+    x = torch.full((B, max_len), BOS, dtype=torch.long, device=dev)    # x[:, k] is input k
+    out = torch.full((B, max_len), PAD, dtype=torch.long, device=dev)
+    real = torch.ones(B, max_len, dtype=torch.bool, device=dev)
+    for k in range(max_len):  # causal: the dummy inputs after k cannot change position k
+        out[:, k] = model.decode(x, v, real, causal=True)[:, k].argmax(-1)
+        if k + 1 < max_len:
+            x[:, k + 1] = out[:, k]
+    return out
+
+
+@torch.no_grad()
+def caption_logprob(model, v, x, rule="loss", K=8, generator=None):
+    """A score of log p(caption | image) for scoring-based evaluation (higher = better), by the
+    model's own Config. v: (B, N, D) image tokens, x: (B, L) ids. Causal captioners (ar, cappa):
+    the exact log-likelihood, whatever the rule. mdc: 'loss' = minus the training loss, the
+    1/t-weighted masked CE averaged over K (t, mask) draws with t stratified over [t_min, 1] (below
+    t_min the model was never trained and the weight 1/t is large); it is the ELBO only as t_min ->
+    0; 'pll' = each token masked alone (a pseudo-log-likelihood); 'all' = every token masked at once."""
+    cfg = model.cfg
+    if cfg.objective in CAUSAL:
+        real = x != PAD
+        return -(token_ce(model.decode(shift_right(x), v, real, causal=True).float(), x) * real).sum(1)
+    B, L = x.shape
+    real = positions(x, cfg)                                             # (B, L)
+    nll = lambda xt, masked, w=1.0: (token_ce(model.decode(xt, v, real).float(), x) * masked * w).sum(1)  # (B,)
+    if rule == "all":                                                    # t = 1
+        return -nll(*corrupt(x, 1.0, torch.zeros(B, L, device=x.device), cfg.hide_length))
+    if rule == "pll":                                                    # r = 0 at k alone: only k is masked
+        pos = torch.arange(L, device=x.device)
+        return -sum(nll(*corrupt(x, 1.0, (pos != k).float().expand(B, L), cfg.hide_length))
+                    for k in range(L) if real[:, k].any())
+    total = torch.zeros(B, device=x.device)
+    for k in range(K):  # one t in each K-th of [t_min, 1]: fewer draws for the same accuracy
+        t = sample_t((k + torch.rand(B, generator=generator)) / K, max(cfg.t_min, 1e-3)).to(x.device)  # (B,)
+        r = torch.rand(B, L, generator=generator).to(x.device)
+        total -= nll(*corrupt(x, t, r, cfg.hide_length), 1 / t[:, None]) / K
+    return total
+
+
+# -----------------------------------------------------------------------------
+# The baselines: the same encoder and decoder, another corruption and attention; or contrastive
+
+
+def shift_right(x):
+    """AR decoder input: [BOS] + x[:-1], so position k predicts x[k] from x[:k]."""
+    return torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)          # (B, L)
+
+
+def ar_loss(model, imgs, x, noise, cfg):
+    """Autoregressive captioning: input [BOS] + x[:-1], causal attention, CE on every real token."""
+    real = x != PAD
+    logits = model(imgs, shift_right(x), real, causal=True)
+    n = real.sum()
+    return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
+
+
+def cappa_loss(model, imgs, x, noise, cfg):
+    """CapPa (Tschannen et al. 2023; big_vision, models/proj/cappa/cappa.py): with probability
+    cappa_frac the input is all [MASK] with full attention (parallel prediction, i.e. MDC at t = 1),
+    otherwise an ordinary AR example; the CE is over the real tokens either way. With --hide_length
+    the parallel branch attends over every position, [PAD] included, as big_vision's does."""
+    real = x != PAD
+    parallel = noise.u < cfg.cappa_frac                                 # (B,)
+    inp = torch.where(parallel[:, None], MASK, shift_right(x))         # (B, L)
+    logits = model(imgs, inp, positions(x, cfg), causal=~parallel)     # the AR rows: causal, so pads come after
+    n = real.sum()
+    return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
+
+
+def bare(model):
+    """The Model itself, also when DistributedDataParallel wraps it (as .module)."""
+    return getattr(model, "module", model)
+
+
+def clip_loss(model, imgs, x, noise, cfg):
+    """CLIP: symmetric cross-entropy over the batch's image-text similarities."""
+    img, txt = model(imgs, x, x != PAD)                                 # (B, D) each
+    logits = bare(model).log_scale.exp().clamp(max=100) * img @ txt.T         # (B, B)
+    labels = torch.arange(len(x), device=x.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2, len(x)
+
+
+def siglip_loss(model, imgs, x, noise, cfg):
+    """SigLIP: every image-text pair is a binary problem, +1 on the diagonal, -1 elsewhere."""
+    img, txt = model(imgs, x, x != PAD)
+    logits = bare(model).log_scale.exp() * img @ txt.T + bare(model).logit_bias   # (B, B)
+    z = 2 * torch.eye(len(x), device=x.device) - 1
+    return -F.logsigmoid(z * logits).sum() / len(x), len(x)
+
+
+# =============================================================================
+# The masked-image relatives: mae, umd, milan, rils
+#
+# The encoder sees a subset of the patches (ViT(imgs, keep)) and a light PatchDecoder fills in the
+# rest: pixels (mae, umd), a frozen teacher's features (milan), or distributions over the batch's
+# captions (rils, which also trains clip_loss). Which patches are hidden is decided by
+# Noise.patches, so the masks are a pure function of (seed, step). Nothing above depends on this
+# section; MaskedImageModel holds the parts that only these objectives use.
+# VLMAE (He et al. 2022, arXiv 2208.09374) is not here: it is a vision-language model with a fusion
+# encoder, judged on VQA, retrieval and visual grounding, whose visual losses this repository does
+# not reproduce.
+# =============================================================================
 
 
 def time_embedding(t, dim):
@@ -389,36 +603,21 @@ class PatchDecoder(nn.Module):
         return self.head(self.ln(x))                                          # (B, N, out)
 
 
-class Model(nn.Module):
-    """Encoder + decoder (captioning objectives), encoder + text encoder (clip, siglip), encoder +
-    patch decoder (mae, umd, milan; milan also holds its frozen teacher) or both (rils)."""
+class MaskedImageModel(Model):
+    """Model plus a PatchDecoder that predicts every patch: its pixels (mae), x0 and eps (umd), the
+    frozen teacher's features (milan, which also holds the teacher), or features of the encoder's
+    width (rils, which keeps Model's contrastive text encoder). forward takes keep, the (B, K)
+    indices of the visible patches, and umd's t."""
 
     def __init__(self, cfg, vocab_size, len_hist=None, teacher_cfg=None):
-        super().__init__()
-        self.objective = cfg.objective
-        self.contrastive = cfg.objective in ("clip", "siglip", "rils")
-        self.encoder = ViT(cfg)
-        if cfg.objective not in ("mae", "umd", "milan"):
-            self.text = TextTransformer(cfg, vocab_size, cross=not self.contrastive)
-        if self.contrastive:
-            self.img_proj = nn.Linear(cfg.width, cfg.width, bias=False)
-            self.txt_proj = nn.Linear(cfg.width, cfg.width, bias=False)
-            # CLIP: s = exp(log_s), init 1/0.07; SigLIP: s = 10, b = -10
-            init_s, init_b = (10.0, -10.0) if cfg.objective == "siglip" else (1 / 0.07, 0.0)
-            self.log_scale = nn.Parameter(torch.tensor(math.log(init_s)))
-            if cfg.objective != "rils":  # SigLIP's bias; clip keeps it frozen at 0 (so its checkpoints keep
-                # their keys) and rils has none: DDP wants every trainable parameter used every step
-                self.logit_bias = nn.Parameter(torch.tensor(init_b), requires_grad=cfg.objective == "siglip")
-        elif cfg.objective in ("mdc", "ar", "cappa"):
-            self.head = nn.Linear(cfg.width, vocab_size, bias=False)
-        P = 3 * cfg.patch_size ** 2                                          # pixels per patch
-        if cfg.objective == "mae":
-            self.decoder = PatchDecoder(cfg, P, cfg.mim_depth)
-        elif cfg.objective == "umd":                                        # x0 and eps of every patch
-            self.decoder = PatchDecoder(cfg, 2 * P, cfg.mim_depth, time=True)
-        elif cfg.objective == "rils":                                       # RILS: one block, back to encoder width
-            self.decoder = PatchDecoder(cfg, cfg.width, 1)
-        elif cfg.objective == "milan":
+        super().__init__(cfg, vocab_size, len_hist, teacher_cfg)
+        if cfg.objective in TAUGHT:
+            self.teacher.requires_grad_(False)
+            self.teacher_proj.requires_grad_(False)
+            self.teacher.eval()
+
+    def add_parts(self, cfg, teacher_cfg):
+        if cfg.objective in TAUGHT:
             if teacher_cfg is None:
                 raise ValueError("milan's Model needs its teacher's Config (load_teacher or the checkpoint has it)")
             # the teacher: a clip/siglip image encoder and its projection, frozen, stored in every
@@ -426,14 +625,12 @@ class Model(nn.Module):
             self.teacher_cfg = teacher_cfg
             self.teacher = ViT(teacher_cfg)
             self.teacher_proj = nn.Linear(teacher_cfg.width, teacher_cfg.width, bias=False)
-            self.decoder = PatchDecoder(cfg, teacher_cfg.width, cfg.mim_depth, prompting=True)
-        # caption-length prior (counts of lengths incl. [EOS]); mdc generation draws L' from it
-        self.register_buffer("len_hist", torch.ones(cfg.max_len + 1) if len_hist is None else len_hist.float())
-        self.apply(self._init)
-        if cfg.objective == "milan":
-            self.teacher.requires_grad_(False)
-            self.teacher_proj.requires_grad_(False)
-            self.teacher.eval()
+        P = 3 * cfg.patch_size ** 2                                          # pixels per patch
+        out, depth, kw = {"mae": (P, cfg.mim_depth, {}),                                 # pixels
+                          "umd": (2 * P, cfg.mim_depth, dict(time=True)),                # x0 and eps, told t
+                          "milan": (getattr(teacher_cfg, "width", 0), cfg.mim_depth, dict(prompting=True)),
+                          "rils": (cfg.width, 1, {})}[cfg.objective]                     # RILS: one block
+        self.decoder = PatchDecoder(cfg, out, depth, **kw)
 
     def train(self, mode=True):
         super().train(mode)
@@ -446,168 +643,11 @@ class Model(nn.Module):
         self.teacher.load_state_dict(clip.encoder.state_dict())
         self.teacher_proj.load_state_dict(clip.img_proj.state_dict())
 
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-
-    def decode(self, tokens, v, real, causal=False):
-        """Logits (B, L, V) of the caption tokens given image tokens v (B, N, D)."""
-        logits = self.head(self.text(tokens, real, causal, v))  # (B, L, V)
-        # [MASK] is never a target, so it is never predicted (MDLM sets its logit to -inf)
-        return logits.index_fill(-1, torch.tensor([MASK], device=logits.device), float("-inf"))
-
-    def embed(self, v, tokens, real):
-        """Contrastive embeddings: image (B, D) from mean-pooled tokens, text (B, D) at [EOS]."""
-        img = F.normalize(self.img_proj(v.mean(1)), dim=-1)
-        h = self.text(tokens, real)                              # (B, L, D), bidirectional
-        eos = real.sum(1) - 1                                    # (B,) [EOS] is the last real token
-        txt = F.normalize(self.txt_proj(h[torch.arange(len(h)), eos]), dim=-1)
-        return img, txt
-
-    def forward(self, imgs, tokens=None, real=None, causal=False, keep=None, t=None):
-        # the single entry point, so DistributedDataParallel sees every parameter used
-        if self.objective == "rils":  # two encoder passes: the whole image, and its visible patches
+    def forward(self, imgs, tokens=None, real=None, keep=None, t=None):
+        if self.contrastive:  # rils: two encoder passes, the whole image and its visible patches
             full = self.encoder(imgs)                                        # (B, N, D)
             return (*self.embed(full, tokens, real), self.decoder(self.encoder(imgs, keep), keep), full)
-        v = self.encoder(imgs, keep)                                         # (B, N, D), or (B, K, D) visible
-        if keep is not None:  # mae, umd, milan: a prediction for every patch
-            return self.decoder(v, keep, t)
-        return self.embed(v, tokens, real) if self.contrastive else self.decode(tokens, v, real, causal)
-
-
-# -----------------------------------------------------------------------------
-# Noise schedule and the objectives. Each objective is a pure function of
-# (model, images, tokens, uniforms) returning (loss, n): n is the count the loss
-# is normalised by, so DDP can renormalise by the global count.
-
-
-def sample_t(u, t_min):
-    """Mask ratio per caption: t ~ U(t_min, 1), from uniforms u in [0, 1)."""
-    return t_min + (1 - t_min) * u
-
-
-def draw_noise(cfg, B, step, salt=0):
-    """Uniforms for the global batch at `step`: u (B,) picks t (or the cappa branch, or umd's
-    half and step); r (B, max_len + N) is two blocks: r[:, :max_len] decides which caption tokens
-    are masked, r[:, max_len:] (patch_noise) which of the N image patches are. A pure function of
-    (seed, step), so a resumed run and a DDP run (each rank slices the global draw) see the same
-    noise. One wide r rather than a third tensor keeps every loss's signature and train_step's
-    slicing as they were; the caption block is drawn first, so it is the same as before."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
-    if cfg.antithetic:  # MDLM: u_i = (u0 + i/B) mod 1 spreads t evenly over the batch
-        u = (torch.rand(1, generator=g) + torch.arange(B) / B) % 1
-        u = u[torch.randperm(B, generator=g)]  # so no rank gets only the small t's
-    else:
-        u = torch.rand(B, generator=g)
-    caption = torch.rand(B, cfg.max_len, generator=g)
-    patches = torch.rand(B, (cfg.img_size // cfg.patch_size) ** 2, generator=g)
-    return u, torch.cat([caption, patches], 1)
-
-
-def corrupt(x, t, r):
-    """MDC's forward process: every real token of x (B, L) becomes [MASK] with probability t,
-    t a number or (B,) per caption, decided by its uniform r (B, L) < t; [PAD] stays [PAD].
-    Training, scoring and the signal measurements all corrupt through here.
-    Returns (x_t (B, L) ids, masked (B, L) bool)."""
-    t = torch.as_tensor(t, dtype=r.dtype, device=r.device).reshape(-1, 1)   # (B or 1, 1)
-    masked = (r[:, :x.shape[1]] < t) & (x != PAD)                            # (B, L)
-    return torch.where(masked, MASK, x), masked
-
-
-def token_ce(logits, x):
-    return F.cross_entropy(logits.transpose(1, 2), x, reduction="none")     # (B, L)
-
-
-def z_penalty(logits, real, z_loss):
-    """z-loss: pushes log Z of the logits towards 0 so they cannot drift (PaLM)."""
-    if not z_loss:
-        return 0.0
-    return z_loss * (torch.logsumexp(logits.float(), -1) ** 2 * real).sum() / real.sum()
-
-
-def mdc_loss(model, imgs, x, u, r, cfg):
-    """Masked diffusion captioning. x: (B, L) ids with [PAD]; u: (B,) and r: (B, L) uniforms.
-    Mask every real token with probability t ~ U(t_min, 1), predict the masked ones from the rest
-    and the image, weight their cross-entropy by 1/t. With t_min -> 0 this is the masked-diffusion
-    bound on -log p(caption | image) per token (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025);
-    t_min > 0 leaves out the nearly unmasked captions, which the text alone can fill in."""
-    real = x != PAD                                            # (B, L)
-    t = sample_t(u, cfg.t_min)                                 # (B,) mask ratio per caption
-    xt, masked = corrupt(x, t, r)                              # (B, L), True = replaced by [MASK]
-    logits = model(imgs, xt, real)                             # (B, L, V), bidirectional
-    ce = token_ce(logits, x) * masked                          # (B, L) CE at masked tokens only
-    if cfg.mdc_weight == "elbo":  # 1/t: each token counts once in expectation, whatever t
-        n = real.sum()
-        loss = (ce / t[:, None]).sum() / n
-    else:                          # ablation: plain mean CE over the masked tokens
-        n = masked.sum().clamp(min=1)
-        loss = ce.sum() / n
-    return loss + z_penalty(logits, real, cfg.z_loss), n
-
-
-def shift_right(x):
-    """AR decoder input: [BOS] + x[:-1], so position k predicts x[k] from x[:k]."""
-    return torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)          # (B, L)
-
-
-def ar_loss(model, imgs, x, u, r, cfg):
-    """Autoregressive captioning: input [BOS] + x[:-1], causal attention, CE on every real token."""
-    real = x != PAD
-    logits = model(imgs, shift_right(x), real, causal=True)
-    n = real.sum()
-    return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
-
-
-def cappa_loss(model, imgs, x, u, r, cfg):
-    """CapPa: with prob cappa_frac the input is all [MASK] with full attention (parallel
-    prediction, i.e. MDC at t=1); otherwise an ordinary AR example."""
-    real = x != PAD
-    parallel = u < cfg.cappa_frac                                       # (B,)
-    inp = torch.where(parallel[:, None], MASK, shift_right(x))         # (B, L)
-    logits = model(imgs, inp, real, causal=~parallel)
-    n = real.sum()
-    return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
-
-
-def bare(model):
-    """The Model itself, also when DistributedDataParallel wraps it (as .module)."""
-    return getattr(model, "module", model)
-
-
-def clip_loss(model, imgs, x, u, r, cfg):
-    """CLIP: symmetric cross-entropy over the batch's image-text similarities."""
-    img, txt = model(imgs, x, x != PAD)                                 # (B, D) each
-    logits = bare(model).log_scale.exp().clamp(max=100) * img @ txt.T         # (B, B)
-    labels = torch.arange(len(x), device=x.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2, len(x)
-
-
-def siglip_loss(model, imgs, x, u, r, cfg):
-    """SigLIP: every image-text pair is a binary problem, +1 on the diagonal, -1 elsewhere."""
-    img, txt = model(imgs, x, x != PAD)
-    logits = bare(model).log_scale.exp() * img @ txt.T + bare(model).logit_bias   # (B, B)
-    z = 2 * torch.eye(len(x), device=x.device) - 1
-    return -F.logsigmoid(z * logits).sum() / len(x), len(x)
-
-
-# -----------------------------------------------------------------------------
-# Masked-image objectives: the encoder sees a subset of the patches (ViT(imgs, keep)) and the
-# light PatchDecoder fills in the rest: pixels (mae, umd), a frozen teacher's features (milan), or
-# distributions over the batch's captions (rils, which also trains clip_loss). Which patches are
-# hidden is decided by the patch block of r, so the masks are a pure function of (seed, step).
-# VLMAE (He et al. 2022, arXiv 2208.09374) is not here: its abstract says only that it adds "visual
-# generative learning" to vision-language pre-training, and no code or text giving its losses,
-# masking or decoder could be found, so nothing here could be faithful to it.
-
-
-def patch_noise(r, cfg):
-    """The per-patch uniforms (B, N) of draw_noise's r (B, max_len + N)."""
-    return r[:, cfg.max_len:]
+        return self.decoder(self.encoder(imgs, keep), keep, t)              # (B, N, out)
 
 
 def keep_first(keys, ratio):
@@ -628,16 +668,15 @@ def patchify(imgs, p):
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, h * h, p * p * C)          # (B, N, p*p*3)
 
 
-def mae_loss(model, imgs, x, u, r, cfg):
+def mae_loss(model, imgs, x, noise, cfg):
     """MAE (He et al. 2021, facebookresearch/mae models_mae.py): the encoder sees a random quarter of
     the patches; the decoder predicts the pixels of every patch, each normalised by its own mean and
-    variance (norm_pix_loss); the MSE is averaged over the masked patches only."""
-    keep, masked = keep_first(patch_noise(r, cfg), cfg.mask_ratio)          # (B, K), (B, N)
+    variance (norm_pix_loss); the MSE is averaged over the masked patches only. The targets are the
+    pixels as the encoder sees them, normalised per channel by the ImageNet mean and standard
+    deviation, as MAE's are (its data pipeline normalises, the model patchifies that)."""
+    keep, masked = keep_first(noise.patches, cfg.mask_ratio)                # (B, K), (B, N)
     pred = model(imgs, keep=keep)                                            # (B, N, p*p*3)
-    # targets from the raw [0, 1] pixels; the ViT normalises its own input by the ImageNet mean/std
-    # (MAE patchifies its already normalised input; per-patch normalisation leaves only the
-    # per-channel scale of that difference)
-    target = patchify(imgs, cfg.patch_size)                                  # (B, N, p*p*3)
+    target = patchify(imgs, cfg.patch_size)  # (B, N, p*p*3)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     err = ((pred.float() - target) ** 2).mean(-1)                           # (B, N) per patch
     n = masked.sum()
@@ -661,19 +700,22 @@ def pixel_noise(seeds, shape):
     return torch.stack([torch.randn(shape, generator=g, device=seeds.device) for g in gens])
 
 
-def umd_loss(model, imgs, x, u, r, cfg):
+def umd_loss(model, imgs, x, noise, cfg):
     """UMD (philippe-eecs/small-vision, trainers/train_ae.py): half of the batch is an MAE step
     (clean, 75% masked, MSE to the clean pixels x0 on masked patches); the other half is noised at
     a diffusion step t ~ U{0..999} (cosine schedule, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps) and
     37.5% masked, and the decoder, told t, predicts eps on the visible patches and x0 on the masked
     ones, each half-weighted. Total 0.5 L_noised + 0.5 L_clean; pixels in [-1, 1], no per-patch
-    normalisation. Probe features are the encoder's on clean, unmasked images (UMD: t = 0, no mask);
-    UMD also tells its encoder t, here only the decoder is told, so the encoder is the shared ViT."""
-    noised = u < 0.5                                      # (B,) half the global batch: exactly, with antithetic u, B even
-    step = (2 * u * 1000).long().clamp(max=999)           # (B,) t ~ U{0..999} for the noised rows
-    abar = torch.where(noised, cosine_alpha_bar().to(u.device)[step], 1.0).view(-1, 1, 1, 1)  # clean: 1
+    normalisation. Two deviations: UMD also tells its encoder t, here only the decoder is told, so
+    the encoder is the shared ViT; and UMD's encoder carries class and register tokens, whose mean
+    feeds its decoder and is its probe feature, while this ViT has none: the decoder reads the
+    visible patch tokens, and the probe feature is the mean of the patch tokens of the clean,
+    unmasked image (ViT.features, as for every objective; UMD too probes at t = 0, unmasked)."""
+    noised = noise.u < 0.5                                # (B,) half the global batch: exactly, with antithetic u, B even
+    step = (2 * noise.u * 1000).long().clamp(max=999)     # (B,) t ~ U{0..999} for the noised rows
+    abar = torch.where(noised, cosine_alpha_bar().to(noised.device)[step], 1.0).view(-1, 1, 1, 1)  # clean: 1
     x0 = 2 * imgs - 1                                     # (B, 3, S, S) in [-1, 1]
-    eps = pixel_noise(r[:, :2], imgs.shape[1:])           # umd reads no caption: its caption uniforms seed eps
+    eps = pixel_noise(noise.caption[:, :2], imgs.shape[1:])       # (B, 3, S, S)
     xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps       # the clean rows stay x0
     x0p, epsp = patchify(x0, cfg.patch_size), patchify(eps, cfg.patch_size)   # (B, N, P) targets
     P = x0p.shape[2]
@@ -684,7 +726,7 @@ def umd_loss(model, imgs, x, u, r, cfg):
         rows = noised if is_noised else ~noised
         if not rows.any():
             continue
-        keep, masked = keep_first(patch_noise(r, cfg)[rows], ratio)         # (b, K), (b, N)
+        keep, masked = keep_first(noise.patches[rows], ratio)               # (b, K), (b, N)
         tell = torch.where(noised, step + 1, 0)[rows]                        # (b,)
         pred = model((xt[rows] + 1) / 2, keep=keep, t=tell).float()         # (b, N, 2P); the ViT takes [0, 1]
         x0_err = ((pred[..., :P] - x0p[rows]) ** 2).mean(-1)                 # (b, N)
@@ -724,7 +766,7 @@ def proportional_keys(u, w):
     return -torch.log(u) / w.clamp(min=1e-12)
 
 
-def milan_loss(model, imgs, x, u, r, cfg):
+def milan_loss(model, imgs, x, noise, cfg):
     """MILAN (zejiangh/MILAN, models_milan.py): the targets are a frozen language-aligned teacher's
     patch features (here a clip/siglip checkpoint of this project, --teacher). 75% masked,
     semantic-aware: patches are ordered by sampling without replacement in proportion to the
@@ -732,7 +774,7 @@ def milan_loss(model, imgs, x, u, r, cfg):
     often. The prompting decoder updates only the mask tokens. Loss 2 - 2 cos(prediction, target)
     averaged over all patch tokens, visible and masked, as MILAN's forward_loss."""
     target, importance = teacher_tokens(bare(model), imgs)                  # (B, N, Dt), (B, N)
-    keep, _ = keep_first(proportional_keys(patch_noise(r, cfg), importance), cfg.mask_ratio)   # (B, K)
+    keep, _ = keep_first(proportional_keys(noise.patches, importance), cfg.mask_ratio)   # (B, K)
     pred = model(imgs, keep=keep)                                           # (B, N, Dt)
     loss = 2 - 2 * F.cosine_similarity(pred.float(), target.float(), dim=-1)   # (B, N)
     return loss.mean(), loss.numel()
@@ -744,21 +786,22 @@ def sentence_logits(patches, proj, txt, tau):
     return F.normalize(proj(patches), dim=-1) @ txt.T / tau
 
 
-def rils_loss(model, imgs, x, u, r, cfg):
+def rils_loss(model, imgs, x, noise, cfg):
     """RILS (hustvl/RILS, models_rils.py, losses.py): CLIP plus masked modelling in sentence space.
     The full image gives the contrastive embedding and, detached, the teacher patches; 75% masked, the
     visible patches go through a one-block decoder that predicts every patch. Student and teacher
     patches become distributions over the batch's captions (temperatures 0.1 and 0.04); loss =
     L_clip + 0.5 KL(teacher || student), averaged over the masked patches of the images whose
-    best-scoring caption is their own (none in the batch: that term is 0). Under DDP each rank's
-    captions are its own, as in clip_loss."""
-    keep, masked = keep_first(patch_noise(r, cfg), cfg.mask_ratio)          # (B, K), (B, N)
+    best-scoring caption is their own (none in the batch: that term is 0). The caption embeddings
+    enter that term as constants, so it trains the image side only (RILS's captions are gathered
+    across GPUs, without gradient). Under DDP each rank's captions are its own, as in clip_loss."""
+    keep, masked = keep_first(noise.patches, cfg.mask_ratio)                # (B, K), (B, N)
     img, txt, pred, full = model(imgs, x, x != PAD, keep=keep)              # (B, D') x 2, (B, N, D) x 2
     m = bare(model)
     logits = m.log_scale.exp().clamp(max=100) * img @ txt.T                 # (B, B), as clip_loss
     labels = torch.arange(len(x), device=x.device)
     l_clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    student = sentence_logits(pred, m.img_proj, txt, 0.1).float()            # (B, N, B)
+    student = sentence_logits(pred, m.img_proj, txt, 0.1).float()   # (B, N, B)
     with torch.no_grad():  # the teacher distribution gets no gradient (RILS detaches its logits)
         teacher = sentence_logits(full, m.img_proj, txt, 0.04).float()
     kl = (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1)  # (B, N)
@@ -766,203 +809,33 @@ def rils_loss(model, imgs, x, u, r, cfg):
     return l_clip + 0.5 * (kl * w).sum() / w.sum().clamp(min=1), len(x)
 
 
+# =============================================================================
+# (end of the masked-image relatives)
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# The objectives by name (their families are under Config)
+
+
 LOSSES = {"mdc": mdc_loss, "ar": ar_loss, "cappa": cappa_loss, "clip": clip_loss, "siglip": siglip_loss,
           "mae": mae_loss, "umd": umd_loss, "milan": milan_loss, "rils": rils_loss}
 
 
-# -----------------------------------------------------------------------------
-# Sampling and scoring
-
-
-@torch.no_grad()
-def generate_ar(model, imgs, max_len):
-    """Greedy left-to-right captions (ar, cappa): images (B, 3, S, S) -> ids (B, max_len).
-    Decode with Tokenizer.decode, which stops at [EOS]."""
-    v = model.encoder(imgs)                                             # (B, N, D)
-    B, dev = len(imgs), imgs.device
-    x = torch.full((B, max_len), BOS, dtype=torch.long, device=dev)    # x[:, k] is input k
-    out = torch.full((B, max_len), PAD, dtype=torch.long, device=dev)
-    real = torch.ones(B, max_len, dtype=torch.bool, device=dev)
-    for k in range(max_len):  # causal: the dummy inputs after k cannot change position k
-        out[:, k] = model.decode(x, v, real, causal=True)[:, k].argmax(-1)
-        if k + 1 < max_len:
-            x[:, k + 1] = out[:, k]
-    return out
-
-
-@torch.no_grad()
-def generate_mdc(model, imgs, length=None, steps=0, order="confidence", generator=None):
-    """MDC captions by iterative unmasking: start from L' [MASK] tokens and over `steps` rounds
-    (0 = one token per round) predict every masked position and commit some, the most confident
-    first (MaskGIT) or in random order (MDLM's ancestral sampler). L' is `length` (an int or (B,))
-    or drawn from the model's caption-length prior. images (B, 3, S, S) -> ids (B, L')."""
-    v = model.encoder(imgs)                                             # (B, N, D)
-    B, dev = len(imgs), imgs.device
-    if length is None:
-        length = torch.multinomial(model.len_hist[1:].float().cpu(), B, True, generator=generator) + 1
-    length = torch.as_tensor(length, device=dev).expand(B)              # (B,) tokens, [EOS] included
-    real = torch.arange(int(length.max()), device=dev)[None] < length[:, None]   # (B, L')
-    x = torch.where(real, MASK, PAD)                                    # (B, L') all masked
-    steps = steps or real.shape[1]
-    for k in range(steps):
-        masked = x == MASK
-        conf, pred = model.decode(x, v, real).float().softmax(-1).max(-1)   # (B, L') each
-        if order == "random":
-            conf = torch.rand(conf.shape, generator=generator).to(dev)
-        keep = (length.float() * (1 - (k + 1) / steps)).floor().long()   # (B,) still masked after round k
-        conf = conf.masked_fill(~masked, -1.0)                          # only masked positions compete
-        rank = conf.argsort(1, descending=True).argsort(1)               # (B, L') 0 = most confident
-        x = torch.where(masked & (rank < (masked.sum(1) - keep)[:, None]), pred, x)
-    return x
-
-
-@torch.no_grad()
-def caption_logprob(model, v, x, objective, method="elbo", K=8, generator=None, t_min=1e-3):
-    """A score of log p(caption | image) for scoring-based evaluation (higher = better).
-    v: (B, N, D) image tokens, x: (B, L) ids. ar/cappa: the exact log-likelihood.
-    mdc: method 'elbo' = minus the 1/t-weighted masked CE averaged over K (t, mask) draws,
-    t stratified over [t_min, 1] (pass the model's own t_min: below it the model was never
-    trained and the weight 1/t is large, so those draws are mostly noise; with t_min > 0 it is
-    the training loss, no longer a bound on the likelihood); 'pll' = each token masked alone,
-    'all' = every token masked at once."""
-    real = x != PAD
-    if objective in ("ar", "cappa"):
-        return -(token_ce(model.decode(shift_right(x), v, real, causal=True).float(), x) * real).sum(1)
-    B, L = x.shape
-    nll = lambda xt, masked, w=1.0: (token_ce(model.decode(xt, v, real).float(), x) * masked * w).sum(1)  # (B,)
-    if method == "all":                                                  # t = 1
-        return -nll(*corrupt(x, 1.0, torch.zeros(B, L, device=x.device)))
-    if method == "pll":                                                  # r = 0 at k alone: only k is masked
-        pos = torch.arange(L, device=x.device)
-        return -sum(nll(*corrupt(x, 1.0, (pos != k).float().expand(B, L))) for k in range(L) if real[:, k].any())
-    total = torch.zeros(B, device=x.device)
-    for k in range(K):  # one t in each K-th of [t_min, 1]: fewer draws for the same accuracy
-        t = sample_t((k + torch.rand(B, generator=generator)) / K, max(t_min, 1e-3)).to(x.device)  # (B,)
-        total -= nll(*corrupt(x, t, torch.rand(B, L, generator=generator).to(x.device)), 1 / t[:, None]) / K
-    return total
+def build_model(cfg, vocab_size, len_hist=None, teacher_cfg=None):
+    """The Model of cfg.objective: MaskedImageModel for the masked-image objectives (milan needs its
+    teacher's Config), Model for the others."""
+    return (MaskedImageModel if cfg.objective in MASKED_IMAGE else Model)(cfg, vocab_size, len_hist, teacher_cfg)
 
 
 # -----------------------------------------------------------------------------
-# The end-of-run check: a closed-form linear probe of the encoder against its floors
-# (probe.py has the full evaluation; these pieces are shared with it)
+# Training: the optimiser, a step, the loop; checkpoints; DDP; the benchmark
 
 
 def autocast(device):
     """bf16 autocast on CUDA; a no-op on a CPU, which runs in fp32."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-
-@torch.no_grad()
-def extract(featurize, ds, size, device, batch_size=256, desc="features"):
-    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset, with a
-    progress bar. Returns (features float32 (N, D) on the CPU, labels int64 (N,))."""
-    imgs, labels = data.dataset_tensors(ds)
-    out = []
-    for i in tqdm(range(0, len(imgs), batch_size), desc=desc, leave=False, disable=len(imgs) < 4 * batch_size or None):
-        with autocast(device):
-            out.append(featurize(data.to_input(imgs[i:i + batch_size], size).to(device)).float().cpu())
-    return torch.cat(out), labels.long()
-
-
-def standardize(xtr, *others):
-    """Zero mean, unit variance with the training set's statistics (fitted on train only)."""
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    return [(x - mu) / sd for x in (xtr, *others)]
-
-
-def stratified_holdout(y, frac=0.1, seed=0):
-    """Indices (fit, hold-out) with frac of every class held out (at least one per class)."""
-    g = torch.Generator().manual_seed(seed)
-    fit, hold = [], []
-    for c in y.unique():
-        idx = (y == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n = max(1, round(frac * len(idx))) if len(idx) > 1 else 0
-        hold.append(idx[:n])
-        fit.append(idx[n:])
-    return torch.cat(fit).sort().values, torch.cat(hold).sort().values
-
-
-def topk(logits, y, k=1):
-    """Fraction of rows whose label is among the k highest logits."""
-    k = min(k, logits.shape[1])
-    return (logits.topk(k, 1).indices == y[:, None].to(logits.device)).any(1).float().mean().item()
-
-
-def accuracies(prefix, logits, y, n_classes):
-    out = {f"{prefix} top1": topk(logits, y, 1)}
-    if n_classes >= 20:  # top-5 means little with few classes
-        out[f"{prefix} top5"] = topk(logits, y, 5)
-    return out
-
-
-RIDGE_GRID = [10.0 ** e for e in np.arange(-7, 4.01, 0.5)]
-
-
-def ridge_fit(x, y, n_classes):
-    """Closed-form ridge on standardised x (N, D): W(lam) = (X^T X + N lam I)^-1 X^T (Y - mean Y) by
-    one Cholesky factorisation per lam (for wide features such as raw pixels far faster than one
-    eigendecomposition for every lam). Returns solve(lam) -> (W (D, C), bias (C,)), in float64."""
-    x = x.double()
-    Y = F.one_hot(y, n_classes).double()
-    ybar = Y.mean(0)                                        # the free bias: x is centred
-    G, XtY = x.T @ x, x.T @ (Y - ybar)                      # (D, D), (D, C)
-    eye = torch.eye(len(G), dtype=G.dtype)
-
-    def solve(lam):
-        L, info = torch.linalg.cholesky_ex(G + len(x) * lam * eye)
-        if info:  # not positive definite in floating point (lam far below the smallest eigenvalue)
-            return torch.full_like(XtY, float("nan")), ybar
-        return torch.cholesky_solve(XtY, L), ybar
-    return solve
-
-
-def ridge_probe(xtr, ytr, xte, yte, n_classes, grid=RIDGE_GRID, seed=0, log=print):
-    """Linear probe by ridge regression onto one-hot labels, mean ||XW - Y||^2 + lam ||W||^2 on
-    standardised features (big_vision's few-shot probe): lam picked on a stratified 10% hold-out,
-    refit on all, test once. A lam whose system could not be factorised scores as no lam."""
-    xtr, xte = standardize(xtr, xte)
-    fit, hold = stratified_holdout(ytr, 0.1, seed)
-    solve = ridge_fit(xtr[fit], ytr[fit], n_classes)
-    xh = xtr[hold].double()
-    accs = [topk(xh @ W + b, ytr[hold]) if W.isfinite().all() else -1.0 for W, b in map(solve, grid)]
-    best = max(range(len(grid)), key=lambda i: (accs[i], i))  # ties -> the stronger regularisation
-    lam = grid[best]
-    if best in (0, len(grid) - 1):
-        log(f"ridge: best lam {lam:.0e} is on the edge of the grid {grid[0]:.0e}..{grid[-1]:.0e}")
-    W, b = ridge_fit(xtr, ytr, n_classes)(lam)
-    return {**accuracies("ridge", xte.double() @ W + b, yte, n_classes), "ridge lambda": float(lam)}
-
-
-def random_encoder(cfg, seed, device):
-    """The floor: the same ViT at its (seeded) random initialisation, in eval mode."""
-    torch.manual_seed(seed)
-    enc = ViT(cfg)
-    enc.apply(Model._init)
-    return enc.to(device).eval()
-
-
-def quick_probe(model, cfg):
-    """Ridge probe on cfg.probe of the trained encoder, the same ViT at random initialisation
-    (seeded) and raw pixels, printed on one line; the closed-form fitter keeps it to seconds.
-    Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
-    t0 = time.perf_counter()
-    device = next(model.parameters()).device
-    tr, te = (data.probe_dataset(cfg.probe, s, cfg.img_size, cfg.data_root, cfg.seed) for s in ("train", "test"))
-    rand = random_encoder(cfg, cfg.seed + 1, device)
-    flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
-    out = {}
-    for name, fn in (("trained", model.encoder.features), ("random init", rand.features), ("pixels", flat)):
-        a, b = (extract(fn, ds, cfg.img_size, device) for ds in (tr, te))
-        out[name] = ridge_probe(*a, *b, tr.n_classes, log=lambda s: None)["ridge top1"]
-    print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
-          f"L2 chosen on a 10% hold-out; {time.perf_counter() - t0:.0f} s; probe.py has more): "
-          + " | ".join(f"{k} {100 * v:.1f}%" for k, v in out.items()))
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Training
 
 
 def lr_at(step, cfg):
@@ -1007,7 +880,17 @@ def read_checkpoint(path, device="cpu"):
         raise UsageError(f"{path} is not a checkpoint written by mdc.py ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "vocab", "step"} <= set(ckpt):
         raise UsageError(f"{path} is not a checkpoint written by mdc.py (no model, config, vocab and step in it)")
+    ckpt["model"] = upgrade_state(ckpt["model"], ckpt["config"].get("objective"))
     return ckpt
+
+
+def upgrade_state(state, objective):
+    """A state dict of an earlier mdc.py, in today's names: cross-attention's query projection was
+    called qkv, and clip kept a frozen logit bias of 0."""
+    state = {k.replace(".xattn.qkv.", ".xattn.q."): v for k, v in state.items()}
+    if objective in CONTRASTIVE and CONTRASTIVE[objective][1] is None:
+        state.pop("logit_bias", None)
+    return state
 
 
 def config_of(ckpt):
@@ -1024,7 +907,7 @@ def load_checkpoint(path, device="cpu"):
     cfg = config_of(ckpt)
     tok = data.Tokenizer(ckpt["vocab"])
     teacher_cfg = Config(**ckpt["teacher_config"]) if ckpt.get("teacher_config") else None   # milan
-    model = Model(cfg, len(tok), teacher_cfg=teacher_cfg).to(device)
+    model = build_model(cfg, len(tok), teacher_cfg=teacher_cfg).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, tok, ckpt
 
@@ -1035,7 +918,7 @@ def load_teacher(cfg, device):
     if not os.path.exists(cfg.teacher):
         raise UsageError(f"--teacher: no checkpoint at {cfg.teacher}")
     clip, tcfg, _, _ = load_checkpoint(cfg.teacher, device)
-    if tcfg.objective not in ("clip", "siglip"):
+    if tcfg.objective not in TEACHERS:
         raise UsageError(f"--teacher must be a clip or siglip checkpoint; {cfg.teacher} was trained with --objective={tcfg.objective}")
     if (tcfg.img_size, tcfg.patch_size) != (cfg.img_size, cfg.patch_size):
         raise UsageError(f"--teacher has img_size {tcfg.img_size} and patch_size {tcfg.patch_size}; "
@@ -1088,9 +971,9 @@ def evaluate(model, cfg, val, tok, n_batches=4):
     for i in range(n_batches):
         imgs, caps = val.batch(np.arange(i * cfg.batch_size, min((i + 1) * cfg.batch_size, len(val))))
         x = tok.batch(caps, cfg.max_len).to(device)
-        u, r = draw_noise(cfg, len(x), i, salt=999)
+        noise = draw_noise(cfg, len(x), i, salt=999).to(device)
         with autocast(device):
-            losses.append(LOSSES[cfg.objective](model, imgs.to(device), x, u.to(device), r.to(device), cfg)[0].item())
+            losses.append(LOSSES[cfg.objective](model, imgs.to(device), x, noise, cfg)[0].item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -1110,12 +993,11 @@ def train_step(model, opt, imgs, x, step, cfg, rank=0, world=1):
     sliced, so a resumed or a DDP run sees the same draws. Returns (loss, gradient norm before
     clipping) as tensors: reading them would wait for the GPU."""
     b = len(x)
-    u, r = draw_noise(cfg, b * world, step)
-    u, r = (a[rank * b:(rank + 1) * b].to(x.device) for a in (u, r))      # this rank's rows
+    noise = Noise(*(a[rank * b:(rank + 1) * b] for a in draw_noise(cfg, b * world, step))).to(x.device)  # this rank's rows
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
     with autocast(x.device):
-        loss, n = LOSSES[cfg.objective](model, imgs, x, u, r, cfg)
+        loss, n = LOSSES[cfg.objective](model, imgs, x, noise, cfg)
     scaled = loss
     if world > 1:  # DDP averages gradients; rescale so the result is normalised by the global count
         total = torch.as_tensor(n, dtype=torch.float, device=x.device).clone()
@@ -1153,8 +1035,8 @@ def train(cfg, callback=None):
     master = rank == 0
     torch.manual_seed(cfg.seed)
     train_set, val_set, tok, caps = caption_data(cfg)
-    clip, tcfg = load_teacher(cfg, device) if cfg.objective == "milan" else (None, None)
-    model = Model(cfg, len(tok), length_histogram(caps, cfg.max_len), tcfg).to(device)
+    clip, tcfg = load_teacher(cfg, device) if cfg.objective in TAUGHT else (None, None)
+    model = build_model(cfg, len(tok), length_histogram(caps, cfg.max_len), tcfg).to(device)
     if clip is not None:
         model.copy_teacher(clip)
     model.encoder.requires_grad_(not cfg.freeze_encoder)
@@ -1226,6 +1108,11 @@ def train(cfg, callback=None):
     print(f"trained {end - start} steps in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
     print(f"training data: {train_set.report()}")  # corrupt images are only found as they are decoded
     return model.eval(), tok, val_set
+
+
+# the flags a --resume may change: how long and how the run goes on, not what it trains
+RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval_every", "ckpt_every", "keep_ckpts", "log_every",
+             "sample_steps", "sample_order", "probe", "data_root", "out_dir", "num_workers", "device", "compile", "bench", "bench_steps")
 
 
 def check_resume(ckpt, cfg, path):
@@ -1328,21 +1215,109 @@ def bench(cfg, model, opt, tok, stream, rank=0, world=1):
 
 
 # -----------------------------------------------------------------------------
-# main: train, then show captions and a quick probe against random initialisation
+# The command line: flags -> Config, checked; then train, show captions, the end-of-run probe
+
+
+def config_help():
+    """Every flag with its default (with --model=tiny) and the comment beside its field in Config."""
+    notes = dict(re.findall(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    tiny = asdict(Config(**PRESETS["tiny"]))
+    return "\n".join(f"  {f'--{k}={v!r}':<28} {notes.get(k, '')}" for k, v in tiny.items())
+
+
+def parse_args(argv):
+    """--key=value flags -> Config. --model=NAME applies a preset first; explicit flags win.
+    A bad flag or value is a UsageError that names it; every check runs before any work starts."""
+    names = {f.name: f for f in fields(Config)}
+    if "--help" in argv or "-h" in argv:
+        print("python mdc.py --key=value ...  (a bare --flag means --flag=True)\n" + config_help())
+        raise SystemExit(0)
+    overrides = {}
+    for arg in argv:
+        key, eq, val = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            raise UsageError(f"unknown flag {arg!r}{hint} (python mdc.py --help lists every flag)")
+        typ = names[key].type
+        try:
+            if typ == "bool" or typ is bool:
+                if val.lower() not in ("", "1", "true", "0", "false"):
+                    raise ValueError
+                overrides[key] = val.lower() in ("", "1", "true")  # a bare --flag means True
+            else:
+                overrides[key] = {"int": int, "float": float, "str": str}.get(typ, typ)(val) if eq else None
+                if overrides[key] is None:
+                    raise ValueError
+        except ValueError:
+            raise UsageError(f"--{key} expects a {getattr(typ, '__name__', typ)}, got {val!r}") from None
+    preset = overrides.get("model", Config.model)
+    if preset not in PRESETS:
+        raise UsageError(f"--model must be one of {list(PRESETS)}, got {preset!r}")
+    cfg = Config(**{**PRESETS[preset], **overrides})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(c):
+    """Every value in range, or a UsageError naming the flag, the value and what it must be."""
+    kind = c.data.partition(":")[0]
+    n_patches = (c.img_size // max(c.patch_size, 1)) ** 2
+    rules = [
+        ("objective", c.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+        ("data", kind in data.CAPTION_KINDS_LIST, data.CAPTION_KINDS),
+        ("mdc_weight", c.mdc_weight in ("elbo", "none"), "elbo or none"),
+        ("sample_order", c.sample_order in ("confidence", "random"), "confidence or random"),
+        ("order", c.order in data.ORDERS, " or ".join(data.ORDERS)), ("tie", 0 <= c.tie <= 1, "a probability, in [0, 1]"),
+        ("device", c.device in ("auto", "cpu") or c.device.startswith("cuda"), "auto, cpu or cuda"),
+        ("t_min", 0 < c.t_min <= 1, "in (0, 1]"),
+        ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"),
+        ("val_frac", 0 <= c.val_frac < 1, "in [0, 1)"),
+        ("warmup", 0 <= c.warmup <= 1, "a fraction of the steps, in [0, 1]"),
+        ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
+        ("lr", c.lr > 0, "> 0"),
+        ("batch_size", c.batch_size >= 1, ">= 1 (the global batch)"),
+        ("steps", c.steps >= 1, ">= 1"),
+        ("max_len", c.max_len >= 2, ">= 2 (a word and [EOS])"),
+        ("img_size", c.img_size >= c.patch_size >= 1 and c.img_size % c.patch_size == 0,
+         f"a multiple of --patch_size={c.patch_size}"),
+        ("width", c.heads >= 1 and c.width % c.heads == 0 and c.width % 4 == 0 and c.width > 0,
+         f"a multiple of 4 and of --heads={c.heads}"),
+        ("enc_depth", c.enc_depth >= 1, ">= 1"), ("dec_depth", c.dec_depth >= 1, ">= 1"),
+        ("mlp_ratio", c.mlp_ratio > 0, "> 0"), ("vocab_min_count", c.vocab_min_count >= 1, ">= 1"),
+        ("weight_decay", c.weight_decay >= 0, ">= 0"), ("grad_clip", c.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+        ("z_loss", c.z_loss >= 0, ">= 0"), ("num_workers", c.num_workers >= 0, ">= 0"),
+        ("eval_every", c.eval_every >= 0, ">= 0 (0 = never)"), ("ckpt_every", c.ckpt_every >= 1, ">= 1"),
+        ("log_every", c.log_every >= 1, ">= 1"), ("sample_steps", c.sample_steps >= 0, ">= 0 (0 = one token per step)"),
+        ("stop_after", c.stop_after >= 0, ">= 0 (0 = run to --steps)"), ("bench_steps", c.bench_steps >= 1, ">= 1"),
+        ("mask_ratio", all(1 <= int(n_patches * (1 - m)) < n_patches for m in (c.mask_ratio, c.umd_mask_noised)),
+         f"such that at least one of the {n_patches} patches is visible and one hidden (so must --umd_mask_noised)"),
+        ("mim_width", c.mim_width > 0 and c.mim_width % 32 == 0, "a multiple of 32 (decoder heads of 32 channels)"),
+        ("teacher", c.objective not in TAUGHT or os.path.isfile(c.teacher),
+         "a clip or siglip checkpoint of this project trained on the same data (--objective=milan needs it)"),
+    ]
+    for key, ok, want in rules:
+        if not ok:
+            raise UsageError(f"--{key}={getattr(c, key)!r}: must be {want}")
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device={c.device}: no CUDA device is available here (use --device=cpu or auto)")
+    if c.probe:
+        data.check_probe(c.probe, c.data_root)
 
 
 def show_samples(model, cfg, tok, val_set, n=6):
-    if cfg.objective not in ("mdc", "ar", "cappa"):
+    """Captions of n validation images next to the true ones (the captioners)."""
+    if cfg.objective not in CAPTIONERS:
         return
     device = next(model.parameters()).device
     imgs, caps = val_set.batch(np.arange(n))
     imgs = imgs.to(device)
-    if cfg.objective == "mdc":  # the caption length L' of the true caption
+    if cfg.objective in CAUSAL:
+        out, note = generate_ar(model, imgs, cfg.max_len), ""
+    else:  # the caption length L' of the true caption (unless --hide_length: then the model writes it)
         length = (tok.batch(caps, cfg.max_len) != PAD).sum(1).to(device)
         out = generate_mdc(model, imgs, length, cfg.sample_steps, cfg.sample_order, torch.Generator().manual_seed(0))
-    else:
-        out = generate_ar(model, imgs, cfg.max_len)
-    note = " (mdc: caption length L' taken from the true caption)" if cfg.objective == "mdc" else ""
+        note = "" if cfg.hide_length else f" ({cfg.objective}: caption length L' taken from the true caption)"
     print(f"\nsample captions on validation images{note}:")
     for c, o in zip(caps, out):
         print(f"  true: {c}\n  gen:  {tok.decode(o)}")
@@ -1356,8 +1331,10 @@ def main(argv):
     model, tok, val_set = out
     show_samples(model, cfg, tok, val_set)
     if cfg.probe:
-        quick_probe(model, cfg)
+        import probe  # probe.py imports this file, so not at the top
+        probe.quick_probe(model, cfg)
 
 
 if __name__ == "__main__":
+    sys.modules["mdc"] = sys.modules["__main__"]  # probe.py's `import mdc` is then this module, not a second copy
     data.command_line(main, sys.argv[1:], "mdc.py")

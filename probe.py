@@ -39,10 +39,21 @@ from tqdm import tqdm
 import data
 import mdc
 from data import MASK, PAD
-from mdc import accuracies, extract, random_encoder, ridge_probe, standardize, stratified_holdout, topk
 
 # -----------------------------------------------------------------------------
 # Features: frozen encoder -> (N, D), extracted once, cached on disk
+
+
+@torch.no_grad()
+def extract(featurize, ds, size, device, batch_size=256, desc="features"):
+    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset, with a
+    progress bar. Returns (features float32 (N, D) on the CPU, labels int64 (N,))."""
+    imgs, labels = data.dataset_tensors(ds)
+    out = []
+    for i in tqdm(range(0, len(imgs), batch_size), desc=desc, leave=False, disable=len(imgs) < 4 * batch_size or None):
+        with mdc.autocast(device):
+            out.append(featurize(data.to_input(imgs[i:i + batch_size], size).to(device)).float().cpu())
+    return torch.cat(out), labels.long()
 
 
 def cache_key(**parts):
@@ -66,9 +77,79 @@ def cached_features(key, compute, cache_dir):
 
 
 # -----------------------------------------------------------------------------
-# Linear probes on fixed features: closed-form ridge (in mdc.py), and L-BFGS logistic regression.
+# Linear probes on fixed features: closed-form ridge, and L-BFGS logistic regression.
 # Regularisation strengths are per sample: ridge minimises mean ||XW - Y||^2 + lam ||W||^2,
 # logistic regression mean CE + lam ||W||^2 (sklearn's C = 1 / (2 N lam)); biases are free.
+
+
+def standardize(xtr, *others):
+    """Zero mean, unit variance with the training set's statistics (fitted on train only)."""
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    return [(x - mu) / sd for x in (xtr, *others)]
+
+
+def stratified_holdout(y, frac=0.1, seed=0):
+    """Indices (fit, hold-out) with frac of every class held out (at least one per class)."""
+    g = torch.Generator().manual_seed(seed)
+    fit, hold = [], []
+    for c in y.unique():
+        idx = (y == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = max(1, round(frac * len(idx))) if len(idx) > 1 else 0
+        hold.append(idx[:n])
+        fit.append(idx[n:])
+    return torch.cat(fit).sort().values, torch.cat(hold).sort().values
+
+
+def topk(logits, y, k=1):
+    """Fraction of rows whose label is among the k highest logits."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, 1).indices == y[:, None].to(logits.device)).any(1).float().mean().item()
+
+
+def accuracies(prefix, logits, y, n_classes):
+    out = {f"{prefix} top1": topk(logits, y, 1)}
+    if n_classes >= 20:  # top-5 means little with few classes
+        out[f"{prefix} top5"] = topk(logits, y, 5)
+    return out
+
+
+RIDGE_GRID = [10.0 ** e for e in np.arange(-7, 4.01, 0.5)]
+
+
+def ridge_fit(x, y, n_classes):
+    """Closed-form ridge on standardised x (N, D): W(lam) = (X^T X + N lam I)^-1 X^T (Y - mean Y) by
+    one Cholesky factorisation per lam (for wide features such as raw pixels far faster than one
+    eigendecomposition for every lam). Returns solve(lam) -> (W (D, C), bias (C,)), in float64."""
+    x = x.double()
+    Y = F.one_hot(y, n_classes).double()
+    ybar = Y.mean(0)                                        # the free bias: x is centred
+    G, XtY = x.T @ x, x.T @ (Y - ybar)                      # (D, D), (D, C)
+    eye = torch.eye(len(G), dtype=G.dtype)
+
+    def solve(lam):
+        L, info = torch.linalg.cholesky_ex(G + len(x) * lam * eye)
+        if info:  # not positive definite in floating point (lam far below the smallest eigenvalue)
+            return torch.full_like(XtY, float("nan")), ybar
+        return torch.cholesky_solve(XtY, L), ybar
+    return solve
+
+
+def ridge_probe(xtr, ytr, xte, yte, n_classes, grid=RIDGE_GRID, seed=0, log=print):
+    """Linear probe by ridge regression onto one-hot labels, mean ||XW - Y||^2 + lam ||W||^2 on
+    standardised features (big_vision's few-shot probe): lam picked on a stratified 10% hold-out,
+    refit on all, test once. A lam whose system could not be factorised scores as no lam."""
+    xtr, xte = standardize(xtr, xte)
+    fit, hold = stratified_holdout(ytr, 0.1, seed)
+    solve = ridge_fit(xtr[fit], ytr[fit], n_classes)
+    xh = xtr[hold].double()
+    accs = [topk(xh @ W + b, ytr[hold]) if W.isfinite().all() else -1.0 for W, b in map(solve, grid)]
+    best = max(range(len(grid)), key=lambda i: (accs[i], i))  # ties -> the stronger regularisation
+    lam = grid[best]
+    if best in (0, len(grid) - 1):
+        log(f"ridge: best lam {lam:.0e} is on the edge of the grid {grid[0]:.0e}..{grid[-1]:.0e}")
+    W, b = ridge_fit(xtr, ytr, n_classes)(lam)
+    return {**accuracies("ridge", xte.double() @ W + b, yte, n_classes), "ridge lambda": float(lam)}
 
 
 def logreg_fit(x, xt, y, lam, P, max_iter=500, tol=1e-5):
@@ -263,17 +344,66 @@ def linear_probe(xtr, ytr, xte, yte, n_classes, fitter="both", device="cpu", log
 
 
 # -----------------------------------------------------------------------------
+# The end-of-run check of python mdc.py: the ridge probe of the trained encoder against its floors
+
+
+def random_encoder(cfg, seed, device):
+    """The floor: the same ViT at its (seeded) random initialisation, in eval mode."""
+    torch.manual_seed(seed)
+    enc = mdc.ViT(cfg)
+    enc.apply(mdc.Model._init)
+    return enc.to(device).eval()
+
+
+def ridge_accuracy(featurize, train, test, n_classes, img_size, device, batch_size=256):
+    """Ridge-probe top-1 (a fraction) of featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) on a
+    labelled (train, test) pair of datasets."""
+    a, b = (extract(featurize, ds, img_size, device, batch_size) for ds in (train, test))
+    return ridge_probe(*a, *b, n_classes, log=lambda s: None)["ridge top1"]
+
+
+def quick_probe(model, cfg):
+    """Ridge probe on cfg.probe of the trained encoder, the same ViT at random initialisation
+    (seeded) and raw pixels, printed on one line; the closed-form fitter keeps it to seconds.
+    Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    tr, te = (data.probe_dataset(cfg.probe, s, cfg.img_size, cfg.data_root, cfg.seed) for s in ("train", "test"))
+    rand = random_encoder(cfg, cfg.seed + 1, device)
+    flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
+    out = {}
+    for name, fn in (("trained", model.encoder.features), ("random init", rand.features), ("pixels", flat)):
+        out[name] = ridge_accuracy(fn, tr, te, tr.n_classes, cfg.img_size, device)
+    print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
+          f"L2 chosen on a 10% hold-out; {time.perf_counter() - t0:.0f} s; probe.py has more): "
+          + " | ".join(f"{k} {100 * v:.1f}%" for k, v in out.items()))
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Scoring captions: one routine serves zero-shot, compositionality and retrieval
 
-RULES = {"mdc": ("elbo", "pll", "all"), "ar": ("exact",), "cappa": ("exact",), "clip": ("cos",), "siglip": ("cos",),
-         "rils": ("cos",), "mae": (), "umd": (), "milan": ()}  # mae, umd, milan cannot score a caption
+MDC_RULES = ("loss", "pll", "all")  # mdc.caption_logprob: minus the training loss, a pseudo-log-likelihood, all masked
+
+
+def rules_of(objective):
+    """How an objective's checkpoint scores a caption: the exact log-likelihood (causal captioners),
+    MDC_RULES (the other captioners), cosine similarity (contrastive), or not at all (no text side)."""
+    if objective in mdc.CAUSAL:
+        return ("exact",)
+    if objective in mdc.CAPTIONERS:
+        return MDC_RULES
+    return ("cos",) if objective in mdc.CONTRASTIVE else ()
+
+
+RULES = {o: rules_of(o) for o in mdc.OBJECTIVES}
 
 
 @torch.no_grad()
 def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed=0):
     """How well each candidate caption fits its image, higher = better.
     imgs: (B, 3, S, S) in [0, 1]; cands: B lists of C strings (candidates for image b).
-    rule: elbo | pll | all (mdc), exact (ar, cappa), cos (clip, siglip, rils). Returns (B, C)."""
+    rule: one of RULES[cfg.objective]. Returns (B, C)."""
     device = next(model.parameters()).device
     B, C = len(cands), len(cands[0])
     out = torch.empty(B, C)
@@ -282,7 +412,9 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
             v = model.encoder(data.to_input(imgs[i:i + batch_size], cfg.img_size).to(device))  # (b, N, D), once per image
         b = len(v)
         x = tok.batch([c for cs in cands[i:i + b] for c in cs], cfg.max_len).view(b, C, -1)  # (b, C, L)
-        x = x[..., :int((x != PAD).sum(-1).max())].to(device)  # trailing all-pad columns change no score
+        if not cfg.hide_length:  # trailing all-pad columns then change no score
+            x = x[..., :int((x != PAD).sum(-1).max())]
+        x = x.to(device)
         for c in range(C):
             xc = x[:, c]                                         # (b, L)
             with mdc.autocast(device):
@@ -293,7 +425,7 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
                     # the same (t, mask) draws for every candidate of an image (common random
                     # numbers): the ELBO's Monte Carlo noise mostly cancels when candidates are compared
                     g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-                    s = mdc.caption_logprob(model, v, xc, cfg.objective, "elbo" if rule == "exact" else rule, K, g, cfg.t_min)
+                    s = mdc.caption_logprob(model, v, xc, rule, K, g)
             out[i:i + b, c] = s.float().cpu()
     return out
 
@@ -504,17 +636,20 @@ def signal_terms(model, cfg, imgs, x, t=None, K=4, generator=None):
     v_wrong = v.roll(1, 0)                                   # every caption gets another image
     real = x != PAD
     B, L = x.shape
-    if cfg.objective in ("ar", "cappa"):
+    if cfg.objective in mdc.CAUSAL:
         inp = mdc.shift_right(x)                             # (B, L) [BOS] + x[:-1]
         ce = lambda vv: mdc.token_ce(model.decode(inp, vv, real, causal=True).float(), x)
         return (ce(v_wrong) - ce(v)) * real, real.float()
-    if cfg.objective != "mdc":
+    if cfg.objective not in mdc.CAPTIONERS:
         raise ValueError(f"{cfg.objective} has no caption decoder")
+    keys = mdc.positions(x, cfg)                             # (B, L) real, or every position with --hide_length
     diff, count = torch.zeros(B, L, device=x.device), torch.zeros(B, L, device=x.device)
     for _ in range(K):
         tt = torch.full((B,), float(t)) if t is not None else mdc.sample_t(torch.rand(B, generator=generator), cfg.t_min)
-        inp, m = mdc.corrupt(x, tt.to(x.device), torch.rand(B, L, generator=generator).to(x.device))  # the same mask for both images
-        ce = lambda vv: mdc.token_ce(model.decode(inp, vv, real).float(), x)
+        r = torch.rand(B, L, generator=generator).to(x.device)
+        inp, m = mdc.corrupt(x, tt.to(x.device), r, cfg.hide_length)   # the same mask for both images
+        m = m & real                                         # the signal is measured at the caption's tokens
+        ce = lambda vv: mdc.token_ce(model.decode(inp, vv, keys).float(), x)
         diff += (ce(v_wrong) - ce(v)) * m
         count += m
     return diff, count
@@ -591,8 +726,9 @@ def attention_logit_max(model, cfg, imgs, x):
         if model.contrastive:
             model.embed(v, x, real)
         else:                                                # the decoder's input in training
-            inp = mdc.shift_right(x) if cfg.objective in ("ar", "cappa") else mdc.corrupt(x, 1.0, torch.zeros(x.shape, device=x.device))[0]
-            model.decode(inp, v, real, causal=cfg.objective in ("ar", "cappa"))
+            causal = cfg.objective in mdc.CAUSAL
+            inp = mdc.shift_right(x) if causal else mdc.corrupt(x, 1.0, torch.zeros(x.shape, device=x.device), cfg.hide_length)[0]
+            model.decode(inp, v, real if causal else mdc.positions(x, cfg), causal=causal)
     finally:
         for h in hooks:
             h.remove()
@@ -827,7 +963,7 @@ def parse(argv):
                    help="visual signal per caption position (captioners; default on with captions)")
     p.add_argument("--logits", action="store_true", help="largest attention logit on a caption batch (stability)")
     p.add_argument("--plot", default=None, help="save the per-position visual signal of every captioner as a PNG here")
-    p.add_argument("--mdc_rules", default="elbo,pll,all", help="mdc's scoring rules to run (pll costs a decoder pass per token)")
+    p.add_argument("--mdc_rules", default=",".join(MDC_RULES), help="mdc's scoring rules to run (pll costs a decoder pass per token)")
     p.add_argument("--K", type=int, default=8, help="mdc: Monte Carlo (t, mask) draws per caption score")
     p.add_argument("--n_eval", type=int, default=1000, help="images for zero-shot and compositionality")
     p.add_argument("--n_retrieval", type=int, default=100, help="image-caption pairs for retrieval")
@@ -843,9 +979,9 @@ def parse(argv):
     p.add_argument("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
     a = p.parse_args(argv)
     a.classes = int(a.classes) if a.classes.isdigit() else a.classes
-    bad = [r for r in a.mdc_rules.split(",") if r not in RULES["mdc"]]
+    bad = [r for r in a.mdc_rules.split(",") if r not in MDC_RULES]
     if bad:
-        p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(RULES['mdc'])}")
+        p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(MDC_RULES)}")
     for name, ok in (("K", a.K >= 1), ("n_eval", a.n_eval >= 1), ("n_retrieval", a.n_retrieval >= 2),
                      ("batch_size", a.batch_size >= 1), ("per_class", a.per_class >= 0), ("pixel_size", a.pixel_size >= 1),
                      ("img_size", a.img_size >= 0), ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
@@ -901,7 +1037,7 @@ def main(argv):
             log(f"{cfg.objective} has no text side: linear probe only (no zero-shot, compositionality, retrieval, signal)")
         elif e["kind"] == "ckpt":
             model, tok = e["model"], e["tok"]
-            rules = [r for r in args.mdc_rules.split(",") if r] if cfg.objective == "mdc" else None
+            rules = [r for r in args.mdc_rules.split(",") if r] if RULES[cfg.objective] == MDC_RULES else None
             if do_zs and (zs := zeroshot(model, cfg, tok, te(), args.dataset, args.n_eval, args.K, args.seed, args.batch_size, rules)):
                 m["zero-shot"] = zs
             if do_comp or do_ret or do_sig or args.logits:
@@ -922,7 +1058,7 @@ def main(argv):
                     imgs, caps = val.batch(np.arange(min(args.n_eval, 256)), 0)
                     m.update(attention_logit_max(model, cfg, data.to_input(imgs, cfg.img_size).to(device),
                                                  tok.batch(caps, cfg.max_len).to(device)))
-                if do_sig and cfg.objective in ("mdc", "ar", "cappa"):
+                if do_sig and cfg.objective in mdc.CAPTIONERS:
                     m.update(caption_signal(model, cfg, tok, val, args.n_eval, args.K, args.seed, args.batch_size))
         log(f"done in {time.perf_counter() - t0:.0f} s")
         results["encoders"].append(dict(name=e["name"], kind=e["kind"], objective=cfg.objective if e["kind"] == "ckpt" else None,
@@ -932,7 +1068,7 @@ def main(argv):
     parts += [f"retrieval on {args.n_retrieval} {captions} val pairs"] if do_ret else []
     print(f"\n{command}\nmachine: {machine()}, device {device}\nprobe {args.dataset}: "
           f"ridge / logreg = linear probe (top-1 %), L2 chosen on a 10% hold-out of train"
-          + "".join(f"; {p}" for p in parts) + f"; mdc elbo with K={args.K}\n")
+          + "".join(f"; {p}" for p in parts) + f"; mdc scored by minus its training loss over K={args.K} draws\n")
     print(format_table(results))
     if args.fitter == "sklearn":
         for e in results["encoders"]:

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -78,8 +79,7 @@ def test_every_objective_gives_a_finite_scalar_and_gradients(objective):
     cfg = tiny_cfg(f"--objective={objective}")
     imgs, x, tok = tiny_batch(cfg)
     model = mdc.Model(cfg, len(tok))
-    u, r = mdc.draw_noise(cfg, len(x), 0)
-    loss, n = mdc.LOSSES[objective](model, imgs, x, u, r, cfg)
+    loss, n = mdc.LOSSES[objective](model, imgs, x, mdc.draw_noise(cfg, len(x), 0), cfg)
     assert loss.shape == () and torch.isfinite(loss)
     loss.backward()
     assert model.encoder.patch.weight.grad.abs().sum() > 0  # the image encoder learns from every objective
@@ -101,8 +101,7 @@ def test_mdc_elbo_of_uniform_predictions_is_log_v(t_min):
     x[:, 20:] = PAD  # some padding, which must not count
     losses = []
     for step in range(200):
-        u, r = mdc.draw_noise(cfg, len(x), step)
-        losses.append(mdc.mdc_loss(model, None, x, u, r, cfg)[0].item())
+        losses.append(mdc.mdc_loss(model, None, x, mdc.draw_noise(cfg, len(x), step), cfg)[0].item())
     mean, se = np.mean(losses), np.std(losses) / np.sqrt(len(losses))
     assert abs(mean - math.log(V - 1)) < max(4 * se, 1e-3), (mean, math.log(V - 1), se)
 
@@ -112,8 +111,8 @@ def test_mdc_unweighted_uniform_is_exactly_log_v_and_matches_hand_computation():
     V = 40
     x = torch.randint(5, V, (16, cfg.max_len))
     x[:8, 15:] = PAD
-    u, r = mdc.draw_noise(cfg, len(x), 3)
-    loss, _ = mdc.mdc_loss(UniformLogits(V), None, x, u, r, cfg)
+    noise = mdc.draw_noise(cfg, len(x), 3)
+    loss, _ = mdc.mdc_loss(UniformLogits(V), None, x, noise, cfg)
     assert abs(loss.item() - math.log(V - 1)) < 1e-5
     # with t fixed (u = 0 -> t = t_min), the loss is the mean CE over masked tokens, computed by hand
     torch.manual_seed(0)
@@ -123,20 +122,19 @@ def test_mdc_unweighted_uniform_is_exactly_log_v_and_matches_hand_computation():
         def forward(self, imgs, tokens, real, causal=False):
             return logits
 
-    u = torch.zeros(16)
-    loss, n = mdc.mdc_loss(Fixed(), None, x, u, r, cfg)
+    loss, n = mdc.mdc_loss(Fixed(), None, x, noise._replace(u=torch.zeros(16)), cfg)
     ces = []
     for b in range(16):
         for k in range(cfg.max_len):
-            if x[b, k] != PAD and r[b, k] < cfg.t_min:
+            if x[b, k] != PAD and noise.caption[b, k] < cfg.t_min:
                 ces.append(-torch.log_softmax(logits[b, k], -1)[x[b, k]].item())
     assert n == len(ces) and abs(loss.item() - np.mean(ces)) < 1e-5
 
 
 def test_masked_fraction_follows_t_and_t_stays_in_range():
     cfg = tiny_cfg("--t_min=0.25")
-    u, r = mdc.draw_noise(cfg, 4096, 0)
-    t = mdc.sample_t(u, cfg.t_min)
+    noise = mdc.draw_noise(cfg, 4096, 0)
+    t, r = mdc.sample_t(noise.u, cfg.t_min), noise.caption
     assert t.min() >= 0.25 and t.max() <= 1.0
     assert abs(t.mean().item() - 0.625) < 0.01  # antithetic draw: t evenly spread over [t_min, 1]
     masked = mdc.corrupt(torch.full(r.shape, 7), t, r)[1]   # the corruption mdc_loss uses (no pads here)
@@ -156,9 +154,9 @@ def test_masking_in_mdc_loss_matches_t():
             return super().forward(imgs, tokens, real, causal)
 
     x = torch.randint(5, 40, (512, cfg.max_len))
-    u, r = mdc.draw_noise(cfg, len(x), 0)
-    mdc.mdc_loss(Spy(40), None, x, u, r, cfg)
-    t = mdc.sample_t(u, cfg.t_min)
+    noise = mdc.draw_noise(cfg, len(x), 0)
+    mdc.mdc_loss(Spy(40), None, x, noise, cfg)
+    t = mdc.sample_t(noise.u, cfg.t_min)
     assert torch.corrcoef(torch.stack([seen["frac"], t]))[0, 1] > 0.95
 
 
@@ -216,8 +214,7 @@ def fit_until(model, objective, cfg, imgs, x, threshold, cap, lr=3e-3):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for step in range(cap):
-        u, r = mdc.draw_noise(cfg, len(x), step)
-        loss, _ = mdc.LOSSES[objective](model, imgs, x, u, r, cfg)
+        loss, _ = mdc.LOSSES[objective](model, imgs, x, mdc.draw_noise(cfg, len(x), step), cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -299,13 +296,13 @@ def test_one_corruption_serves_training_scoring_and_the_signal(monkeypatch):
     calls, real = [], mdc.corrupt
     monkeypatch.setattr(mdc, "corrupt", lambda *a: calls.append(1) or real(*a))
     counts = {}
-    for name, fn in [("loss", lambda: mdc.mdc_loss(model, imgs, x, *mdc.draw_noise(cfg, 4, 0), cfg)),
-                     *[(m, lambda m=m: mdc.caption_logprob(model, model.encoder(imgs), x, "mdc", m, K=2)) for m in ("elbo", "pll", "all")],
+    for name, fn in [("training", lambda: mdc.mdc_loss(model, imgs, x, mdc.draw_noise(cfg, 4, 0), cfg)),
+                     *[(m, lambda m=m: mdc.caption_logprob(model, model.encoder(imgs), x, m, K=2)) for m in probe.MDC_RULES],
                      ("signal", lambda: probe.signal_terms(model, cfg, imgs, x, K=2))]:
         calls.clear()
         fn()
         counts[name] = len(calls)
-    assert counts["loss"] == counts["all"] == 1 and counts["elbo"] == counts["signal"] == 2, counts
+    assert counts["training"] == counts["all"] == 1 and counts["loss"] == counts["signal"] == 2, counts
     assert counts["pll"] == int((x != PAD).any(0).sum())   # one per position any caption reaches
 
 
@@ -325,6 +322,45 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
         assert torch.equal(v, loaded.state_dict()[k])
     assert not os.path.exists(path + ".tmp")
 
+
+@pytest.mark.parametrize("objective", ["mdc", "clip"])
+def test_checkpoints_of_earlier_versions_load(tmp_path, objective):
+    """Earlier checkpoints called cross-attention's query projection xattn.qkv, and clip's held a
+    frozen logit_bias of 0: both load, with every tensor in its place."""
+    cfg = tiny_cfg(f"--objective={objective}")
+    _, _, tok = tiny_batch(cfg)
+    model = mdc.Model(cfg, len(tok))
+    old = {k.replace(".xattn.q.", ".xattn.qkv."): v for k, v in model.state_dict().items()}
+    if objective == "clip":
+        old["logit_bias"] = torch.tensor(0.0)
+    else:
+        assert any(".xattn.qkv." in k for k in old)
+    path = str(tmp_path / "old.pt")
+    mdc.save_checkpoint(path, model, None, cfg, tok, 0)
+    ckpt = torch.load(path, weights_only=True)
+    torch.save({**ckpt, "model": old}, path)
+    loaded = mdc.load_checkpoint(path)[0]
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_the_objective_registry_is_whole_and_nothing_else_compares_names():
+    assert list(mdc.LOSSES) == list(mdc.OBJECTIVES) and set(probe.RULES) == set(mdc.OBJECTIVES)
+    groups = (mdc.CAPTIONERS, mdc.CAUSAL, mdc.CONTRASTIVE, mdc.MASKED_IMAGE, mdc.TAUGHT, mdc.TEACHERS)
+    assert all(set(g) <= set(mdc.OBJECTIVES) for g in groups) and set(mdc.CAUSAL) <= set(mdc.CAPTIONERS)
+    for obj in mdc.OBJECTIVES:   # the parts each family needs, and only those
+        cfg = tiny_cfg(f"--objective={obj}", *(["--teacher=" + __file__] if obj in mdc.TAUGHT else []))
+        tcfg = tiny_cfg("--objective=clip") if obj in mdc.TAUGHT else None
+        m = mdc.build_model(cfg, 30, teacher_cfg=tcfg)
+        assert hasattr(m, "head") == (obj in mdc.CAPTIONERS) and hasattr(m, "txt_proj") == (obj in mdc.CONTRASTIVE)
+        assert hasattr(m, "decoder") == (obj in mdc.MASKED_IMAGE) and hasattr(m, "teacher") == (obj in mdc.TAUGHT)
+        assert hasattr(m, "logit_bias") == (obj in mdc.CONTRASTIVE and mdc.CONTRASTIVE[obj][1] is not None)
+    # an objective's name is compared only in the registry (and its loss's own body)
+    names = "|".join(mdc.OBJECTIVES)
+    pattern = re.compile(rf"""(==|!=|\bin|\bnot in)\s*\(?\s*["']({names})["']""")
+    for f in ("mdc.py", "probe.py"):
+        hits = [line for line in open(os.path.join(HERE, f)) if pattern.search(line)]
+        assert not hits, (f, hits)
 
 @pytest.mark.parametrize("objective", ["mdc", "mae"])  # mae: the patch masks come from draw_noise too
 def test_resume_equals_uninterrupted_training(tmp_path, objective):
@@ -396,9 +432,9 @@ def test_stability_flags_change_the_forward_pass(flag):
             for n, p in m.named_parameters():
                 if "qkv" in n and p.ndim == 2:
                     p.mul_(20)
-    u, r = mdc.draw_noise(cfg0, 4, 0)
-    l0, _ = mdc.mdc_loss(m0, imgs, x, u, r, cfg0)
-    l1, _ = mdc.mdc_loss(m1, imgs, x, u, r, cfg1)
+    noise = mdc.draw_noise(cfg0, 4, 0)
+    l0, _ = mdc.mdc_loss(m0, imgs, x, noise, cfg0)
+    l1, _ = mdc.mdc_loss(m1, imgs, x, noise, cfg1)
     assert abs(l0.item() - l1.item()) > 1e-3
 
 
@@ -549,9 +585,9 @@ def mim_model(objective, tmp_path, *extra):
     _, _, tok = tiny_batch(cfg)
     torch.manual_seed(0)
     if objective != "milan":
-        return cfg, mdc.Model(cfg, len(tok))
+        return cfg, mdc.build_model(cfg, len(tok))
     clip, tcfg = mdc.load_teacher(cfg, torch.device("cpu"))
-    model = mdc.Model(cfg, len(tok), teacher_cfg=tcfg)
+    model = mdc.build_model(cfg, len(tok), teacher_cfg=tcfg)
     model.copy_teacher(clip)
     return cfg, model
 
@@ -574,7 +610,7 @@ def test_masked_image_losses_are_finite_and_train_every_part(objective, tmp_path
         j = int(top.indices[0])
         x = x.clone()
         x[[0, j]] = x[[j, 0]]
-    loss, n = mdc.LOSSES[objective](model, imgs, x, *mdc.draw_noise(cfg, len(x), 0), cfg)
+    loss, n = mdc.LOSSES[objective](model, imgs, x, mdc.draw_noise(cfg, len(x), 0), cfg)
     assert loss.shape == () and torch.isfinite(loss) and n > 0
     loss.backward()
     trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
@@ -601,7 +637,7 @@ def test_the_encoder_never_sees_the_masked_patches(objective, tmp_path):
     model.eval()
     imgs, x, _ = tiny_batch(cfg)
     ratio = cfg.mask_ratio if objective == "mae" else cfg.umd_mask_noised
-    keep, masked = mdc.keep_first(mdc.patch_noise(mdc.draw_noise(cfg, len(x), 0)[1], cfg), ratio)
+    keep, masked = mdc.keep_first(mdc.draw_noise(cfg, len(x), 0).patches, ratio)
     assert (masked.sum(1) == 16 - keep.shape[1]).all() and keep.shape[1] == int(16 * (1 - ratio))
     other = torch.where(pixel_mask(masked, cfg), torch.rand_like(imgs), imgs)   # new pixels in the masked patches
     assert torch.allclose(model.encoder(imgs, keep), model.encoder(other, keep), atol=1e-6)
@@ -631,10 +667,10 @@ def visible_of(keep, N=16):
 def test_mae_loss_counts_the_masked_patches_only_and_matches_a_hand_computation():
     cfg = tiny_cfg("--objective=mae")
     imgs, x, _ = tiny_batch(cfg, 4)
-    u, r = mdc.draw_noise(cfg, 4, 0)
+    noise = mdc.draw_noise(cfg, 4, 0)
     pred = torch.randn(4, 16, 48)
     spy = Recorder([pred])
-    loss, n = mdc.mae_loss(spy, imgs, x, u, r, cfg)
+    loss, n = mdc.mae_loss(spy, imgs, x, noise, cfg)
     vis = visible_of(spy.calls[0]["keep"])
     # by hand: MSE to each patch's pixels normalised by its own mean and (unbiased) variance
     errs = []
@@ -647,27 +683,27 @@ def test_mae_loss_counts_the_masked_patches_only_and_matches_a_hand_computation(
                 errs.append(((pred[b, k] - target) ** 2).mean().item())
     assert n == len(errs) == 4 * 12 and abs(loss.item() - np.mean(errs)) < 1e-5
     changed = torch.where(vis[..., None], torch.randn_like(pred) * 100, pred)      # visible predictions: anything
-    assert mdc.mae_loss(Recorder([changed]), imgs, x, u, r, cfg)[0].item() == pytest.approx(loss.item(), abs=1e-6)
-    assert mdc.mae_loss(Recorder([pred + 1]), imgs, x, u, r, cfg)[0].item() != pytest.approx(loss.item(), abs=1e-3)
+    assert mdc.mae_loss(Recorder([changed]), imgs, x, noise, cfg)[0].item() == pytest.approx(loss.item(), abs=1e-6)
+    assert mdc.mae_loss(Recorder([pred + 1]), imgs, x, noise, cfg)[0].item() != pytest.approx(loss.item(), abs=1e-3)
 
 
 def test_umd_noise_loss_on_visible_patches_clean_loss_on_masked_and_t_zero_is_the_clean_image():
     cfg = tiny_cfg("--objective=umd")
     imgs, x, _ = tiny_batch(cfg, 8)
-    u, r = mdc.draw_noise(cfg, 8, 0)
-    noised = u < 0.5
+    noise = mdc.draw_noise(cfg, 8, 0)
+    noised = noise.u < 0.5
     assert noised.sum() == 4                              # antithetic u: exactly half of the batch
     shapes = Recorder([torch.zeros(4, 16, 96), torch.zeros(4, 16, 96)])
-    mdc.umd_loss(shapes, imgs, x, u, r, cfg)
+    mdc.umd_loss(shapes, imgs, x, noise, cfg)
     clean, noisy = shapes.calls
     assert torch.allclose(clean["imgs"], imgs[~noised], atol=1e-6) and (clean["t"] == 0).all()   # clean half: the image
     assert clean["keep"].shape[1] == 4 and noisy["keep"].shape[1] == 10             # 75% and 37.5% hidden
     assert (noisy["t"] >= 1).all() and (noisy["t"] <= 1000).all()
     assert not torch.allclose(noisy["imgs"], imgs[noised], atol=1e-3)
     preds = [torch.randn(4, 16, 96), torch.randn(4, 16, 96)]
-    base = mdc.umd_loss(Recorder(preds), imgs, x, u, r, cfg)[0].item()
+    base = mdc.umd_loss(Recorder(preds), imgs, x, noise, cfg)[0].item()
     vis = [visible_of(c["keep"])[..., None] for c in (clean, noisy)]                 # (4, 16, 1) each
-    loss_with = lambda p: mdc.umd_loss(Recorder(p), imgs, x, u, r, cfg)[0].item()
+    loss_with = lambda p: mdc.umd_loss(Recorder(p), imgs, x, noise, cfg)[0].item()
     junk = lambda: torch.randn(4, 16, 48) * 100
     x0_at_visible = [torch.cat([torch.where(v, junk(), p[..., :48]), p[..., 48:]], -1) for p, v in zip(preds, vis)]
     eps_at_masked = [torch.cat([p[..., :48], torch.where(v, p[..., 48:], junk())], -1) for p, v in zip(preds, vis)]
@@ -706,7 +742,7 @@ def test_milan_teacher_is_frozen_in_eval_mode_outside_the_optimizer_and_saved(tm
     opt = mdc.make_optimizer(model, cfg, torch.device("cpu"))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert not in_opt & {id(p) for p in frozen} and {id(p) for p in model.encoder.parameters()} <= in_opt
-    mdc.milan_loss(model, imgs, x, *mdc.draw_noise(cfg, len(x), 0), cfg)[0].backward()
+    mdc.milan_loss(model, imgs, x, mdc.draw_noise(cfg, len(x), 0), cfg)[0].backward()
     assert all(p.grad is None for p in frozen) and model.encoder.patch.weight.grad.abs().sum() > 0
     path = str(tmp_path / "milan.pt")                     # the teacher is in the checkpoint: it loads alone
     mdc.save_checkpoint(path, model, opt, cfg, tok, 1)
@@ -733,7 +769,7 @@ def test_rils_teacher_distribution_gets_no_gradient(tmp_path, monkeypatch):
     imgs, x, _ = tiny_batch(cfg)
     seen, real = [], mdc.sentence_logits
     monkeypatch.setattr(mdc, "sentence_logits", lambda *a: seen.append(real(*a)) or seen[-1])
-    mdc.rils_loss(model, imgs, x, *mdc.draw_noise(cfg, len(x), 0), cfg)[0].backward()
+    mdc.rils_loss(model, imgs, x, mdc.draw_noise(cfg, len(x), 0), cfg)[0].backward()
     student, teacher = seen
     assert student.requires_grad and teacher.grad_fn is None and not teacher.requires_grad
     assert model.text.tok.weight.grad.abs().sum() > 0    # the captions' side learns too
@@ -744,22 +780,23 @@ def test_masked_image_objectives_overfit_one_batch(objective, frac, tmp_path):
     """The loss on one batch of 4 falls to a fraction of where it started (the masks change every step)."""
     cfg, model = mim_model(objective, tmp_path)
     imgs, x, _ = tiny_batch(cfg, 4)
-    start = mdc.LOSSES[objective](model, imgs, x, *mdc.draw_noise(cfg, 4, 0), cfg)[0].item()
+    start = mdc.LOSSES[objective](model, imgs, x, mdc.draw_noise(cfg, 4, 0), cfg)[0].item()
     fit_until(model, objective, cfg, imgs, x, threshold=frac * start, cap=1500)
 
 
 def test_patch_masks_are_a_pure_function_of_seed_and_step():
     cfg = tiny_cfg("--objective=mae")
-    masks = lambda seed, step: mdc.keep_first(mdc.patch_noise(mdc.draw_noise(tiny_cfg("--objective=mae", f"--seed={seed}"),
-                                                                              8, step)[1], cfg), 0.75)[1]
+    masks = lambda seed, step: mdc.keep_first(mdc.draw_noise(tiny_cfg("--objective=mae", f"--seed={seed}"), 8, step).patches, 0.75)[1]
     assert torch.equal(masks(0, 3), masks(0, 3))
     assert not torch.equal(masks(0, 3), masks(0, 4)) and not torch.equal(masks(0, 3), masks(1, 3))
-    u, r = mdc.draw_noise(cfg, 8, 3)
-    assert r.shape == (8, cfg.max_len + 16)
-    # the caption block is drawn first, as draw_noise drew its whole r before the patch block existed
+    noise = mdc.draw_noise(cfg, 8, 3)
+    assert [tuple(a.shape) for a in noise] == [(8,), (8, cfg.max_len), (8, 16), (8, 2)]
+    # the fields are drawn one after another, u's and the caption's first: a field added later
+    # changes none of the draws before it
     g = torch.Generator().manual_seed(3 * 7)              # draw_noise's generator at seed 0, step 3
     torch.rand(1, generator=g), torch.randperm(8, generator=g)   # u's draws (antithetic) come first
-    assert torch.equal(r[:, :cfg.max_len], torch.rand(8, cfg.max_len, generator=g))
+    for field in noise[1:]:
+        assert torch.equal(field, torch.rand(field.shape, generator=g))
 
 
 @pytest.mark.parametrize("objective", ["mae", "rils"])
@@ -1163,9 +1200,9 @@ def test_ridge_solves_the_regularised_least_squares_problem():
     """Against an independent solution: least squares on X stacked over sqrt(N lam) I, for every lam
     of the grid that a wide, rank-deficient X (more features than samples, as raw pixels can be) allows."""
     x, y = blobs(60, 80, 4, sep=1.0, seed=5)
-    x = mdc.standardize(x)[0].double()
+    x = probe.standardize(x)[0].double()
     Y = F.one_hot(y, 4).double() - F.one_hot(y, 4).double().mean(0)
-    solve = mdc.ridge_fit(x, y, 4)
+    solve = probe.ridge_fit(x, y, 4)
     for lam in (1e-3, 1e-1, 10.0):
         W, _ = solve(lam)
         A = torch.cat([x, (len(x) * lam) ** 0.5 * torch.eye(80, dtype=torch.double)])      # (N + D, D)
@@ -1176,7 +1213,7 @@ def test_ridge_solves_the_regularised_least_squares_problem():
 def test_ridge_and_lbfgs_agree_on_an_easy_problem():
     x, y = blobs(3000, 16, 5, sep=0.8)
     xtr, ytr, xte, yte = split(x, y, 2000)
-    r = mdc.ridge_probe(xtr, ytr, xte, yte, 5, **quiet)
+    r = probe.ridge_probe(xtr, ytr, xte, yte, 5, **quiet)
     l = probe.logreg_probe(xtr, ytr, xte, yte, 5, **quiet)
     assert 0.6 < r["ridge top1"] < 0.99            # not trivially separable
     assert abs(r["ridge top1"] - l["logreg top1"]) < 0.03
@@ -1186,7 +1223,7 @@ def test_lbfgs_reaches_the_optimum_of_an_independent_float64_fit():
     """Same features, same lam: L-BFGS (float32, hand-written gradient) vs plain gradient descent
     in float64 with autograd, many steps, on mean CE + lam ||W||^2 (bias unpenalised)."""
     x, y = blobs(400, 10, 3, sep=0.7, seed=3)
-    x = mdc.standardize(x)[0]
+    x = probe.standardize(x)[0]
     lam = 3e-3
     P, _ = probe.logreg_fit(probe.with_bias(x), probe.with_bias(x).T.contiguous(), y, lam,
                             torch.zeros(3, 11), max_iter=500, tol=1e-9)
@@ -1229,7 +1266,7 @@ def test_lbfgs_converges_at_weak_regularisation_on_ill_conditioned_features():
     A = U @ torch.diag(torch.logspace(-3, 1, d, dtype=torch.double)) @ V.T   # singular values 1e-3..1e1
     x = (z.double() @ A + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.double)).float()
     xtr, ytr, xte, yte = split(x, y, 1000)
-    xtr, xte = mdc.standardize(xtr, xte)
+    xtr, xte = probe.standardize(xtr, xte)
     xd = xtr.double()
     assert torch.linalg.cond(xd.T @ xd) > 1e6                 # ill-conditioned after standardising
 
@@ -1332,7 +1369,7 @@ def test_feature_cache_hit_returns_identical_features(tmp_path):
 
     def compute():
         calls.append(1)
-        return mdc.extract(enc.features, ds, 16, torch.device("cpu"), batch_size=16)
+        return probe.extract(enc.features, ds, 16, torch.device("cpu"), batch_size=16)
 
     key = probe.cache_key(encoder={"random": 1}, spec="shapes", split="train", img_size=16)
     x1, y1 = probe.cached_features(key, compute, str(tmp_path))
@@ -1397,18 +1434,22 @@ def test_retrieval_and_compositional_run_and_are_fractions(models, pairs):
     assert all(0 <= v["exact"] <= 1 for v in c.values()) and "word shuffle" in c
 
 
-def test_elbo_score_draws_t_in_the_models_own_range():
-    # with t_min = 1 every draw masks every token with weight 1: exactly the 'all' score
-    cfg = tiny_cfg()
+def test_loss_score_draws_t_in_the_range_of_the_models_own_config():
+    # a model trained with t_min = 1: every draw masks every token with weight 1, exactly the 'all' score
+    cfg = tiny_cfg("--t_min=1.0")
     imgs, x, tok = tiny_batch(cfg, 4)
     torch.manual_seed(0)
     model = mdc.Model(cfg, len(tok)).eval()
     v = model.encoder(imgs)
     g = torch.Generator().manual_seed(0)
-    at_one = mdc.caption_logprob(model, v, x, "mdc", "elbo", K=3, generator=g, t_min=1.0)
-    assert torch.allclose(at_one, mdc.caption_logprob(model, v, x, "mdc", "all"), atol=1e-5)
-    low = mdc.caption_logprob(model, v, x, "mdc", "elbo", K=3, generator=g, t_min=1e-3)
+    at_one = mdc.caption_logprob(model, v, x, "loss", K=3, generator=g)
+    assert torch.allclose(at_one, mdc.caption_logprob(model, v, x, "all"), atol=1e-5)
+    model.cfg = dataclasses.replace(cfg, t_min=1e-3)     # the same weights, read as a model of t_min = 0.001
+    low = mdc.caption_logprob(model, v, x, "loss", K=3, generator=g)
     assert not torch.allclose(low, at_one, atol=1e-3)
+    ar = mdc.Model(tiny_cfg("--objective=ar"), len(tok)).eval()   # a causal captioner: the exact log-likelihood
+    exact = -(mdc.token_ce(ar.decode(mdc.shift_right(x), v, x != PAD, causal=True), x) * (x != PAD)).sum(1)
+    assert torch.allclose(mdc.caption_logprob(ar, v, x, "loss"), exact, atol=1e-5)
 
 
 def test_shapes_zeroshot_candidates_differ_only_in_the_class_word():
@@ -1506,7 +1547,7 @@ def test_caption_signal_never_pairs_a_caption_with_its_own_image(models, monkeyp
 
 def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_path):
     run = lambda o, tie, seed, acc, sig: dict(name=f"{o}{tie}{seed}", kind="ckpt", objective=o, metrics={
-        "ridge top1": acc, "signal shape word": sig, "zero-shot": {"elbo": acc / 2}},
+        "ridge top1": acc, "signal shape word": sig, "zero-shot": {"loss": acc / 2}},
         config={**mdc.asdict(tiny_cfg(f"--objective={o}")), "tie": tie, "seed": seed, "out_dir": f"runs/{o}{tie}{seed}"})
     a = {"encoders": [run("mdc", 0.0, 0, 0.6, 1.0), run("mdc", 0.0, 1, 0.7, 3.0), run("mdc", 0.9, 0, 0.5, 0.5),
                       dict(name="random", kind="random", metrics={"ridge top1": 0.3})]}
@@ -1525,8 +1566,10 @@ def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_
 
 def test_probe_cli_rejects_unknown_scoring_rules():
     with pytest.raises(data.UsageError, match="--mdc_rules"):
-        probe.parse(["--ckpt=random", "--mdc_rules=elbo,pl"])
-    assert probe.parse(["--ckpt=random", "--mdc_rules=elbo,all"]).mdc_rules == "elbo,all"
+        probe.parse(["--ckpt=random", "--mdc_rules=loss,pl"])
+    with pytest.raises(data.UsageError, match="--mdc_rules"):
+        probe.parse(["--ckpt=random", "--mdc_rules=elbo"])         # the loss is no ELBO at t_min > 0
+    assert probe.parse(["--ckpt=random", "--mdc_rules=loss,all"]).mdc_rules == "loss,all"
 
 
 def test_results_json_round_trips(models, tmp_path):
