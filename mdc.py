@@ -676,7 +676,7 @@ def mae_loss(model, imgs, x, noise, cfg):
     deviation, as MAE's are (its data pipeline normalises, the model patchifies that)."""
     keep, masked = keep_first(noise.patches, cfg.mask_ratio)                # (B, K), (B, N)
     pred = model(imgs, keep=keep)                                            # (B, N, p*p*3)
-    target = patchify(imgs, cfg.patch_size)  # (B, N, p*p*3)
+    target = patchify(bare(model).encoder.normalize(imgs), cfg.patch_size)   # (B, N, p*p*3)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     err = ((pred.float() - target) ** 2).mean(-1)                           # (B, N) per patch
     n = masked.sum()
@@ -715,7 +715,7 @@ def umd_loss(model, imgs, x, noise, cfg):
     step = (2 * noise.u * 1000).long().clamp(max=999)     # (B,) t ~ U{0..999} for the noised rows
     abar = torch.where(noised, cosine_alpha_bar().to(noised.device)[step], 1.0).view(-1, 1, 1, 1)  # clean: 1
     x0 = 2 * imgs - 1                                     # (B, 3, S, S) in [-1, 1]
-    eps = pixel_noise(noise.caption[:, :2], imgs.shape[1:])       # (B, 3, S, S)
+    eps = pixel_noise(noise.pixels, imgs.shape[1:])       # (B, 3, S, S), its own uniforms
     xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps       # the clean rows stay x0
     x0p, epsp = patchify(x0, cfg.patch_size), patchify(eps, cfg.patch_size)   # (B, N, P) targets
     P = x0p.shape[2]
@@ -801,7 +801,7 @@ def rils_loss(model, imgs, x, noise, cfg):
     logits = m.log_scale.exp().clamp(max=100) * img @ txt.T                 # (B, B), as clip_loss
     labels = torch.arange(len(x), device=x.device)
     l_clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    student = sentence_logits(pred, m.img_proj, txt, 0.1).float()   # (B, N, B)
+    student = sentence_logits(pred, m.img_proj, txt.detach(), 0.1).float()  # (B, N, B)
     with torch.no_grad():  # the teacher distribution gets no gradient (RILS detaches its logits)
         teacher = sentence_logits(full, m.img_proj, txt, 0.04).float()
     kl = (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1)  # (B, N)

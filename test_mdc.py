@@ -203,6 +203,58 @@ def test_cappa_mixes_parallel_and_causal_examples():
     assert m[1].all()
 
 
+class Spy(nn.Module):
+    """Calls the model and keeps what its text transformer was fed (tokens, attention mask) and the logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inputs, self.logits = model, [], []
+        text = model.text.forward
+        model.text.forward = lambda tokens, real, causal=False, v=None: (
+            self.inputs.append((tokens, mdc.attention_mask(real, causal))) or text(tokens, real, causal, v))
+
+    def forward(self, *args, **kw):
+        self.logits.append(self.model(*args, **kw))
+        return self.logits[-1]
+
+
+@pytest.mark.parametrize("objective", ["mdc", "cappa"])
+@pytest.mark.parametrize("hide", [False, True])
+def test_hide_length_gives_captions_that_differ_only_in_length_the_same_all_mask_input(objective, hide):
+    """At t = 1 (mdc) and in cappa's parallel branch every word is masked. With --hide_length the
+    decoder input of a 3-word and of a 9-word caption is then the same (every position [MASK] and
+    a key, big_vision's decoder_mask of ones), and so are its predictions at the words they share;
+    without it the pads are not keys, and the decoder is told the length."""
+    cfg = tiny_cfg(f"--objective={objective}", "--t_min=1.0", "--cappa_frac=1.0", f"--hide_length={hide}")
+    ds = data.Shapes(0, cfg.img_size)
+    imgs, _ = ds.batch(np.arange(1))
+    tok = data.Tokenizer.build(ds.vocab_captions(2000))
+    x = tok.batch(["a small circle", "a small red circle above a large blue square"], cfg.max_len)   # (2, L)
+    torch.manual_seed(0)
+    spy = Spy(mdc.Model(cfg, len(tok)).eval())
+    loss, n = mdc.LOSSES[objective](spy, imgs.expand(2, -1, -1, -1), x, mdc.draw_noise(cfg, 2, 0), cfg)
+    (tokens, mask), logits = spy.inputs[0], spy.logits[0]
+    assert (tokens[:, :4] == MASK).all()                              # the short caption's words and [EOS]
+    same_input = torch.equal(tokens[0], tokens[1]) and torch.equal(mask[0], mask[1])
+    same_output = torch.allclose(logits[0, :4], logits[1, :4], atol=1e-5)
+    assert same_input == same_output == hide
+    if objective == "mdc":   # --hide_length: the pads are masked and predicted too (LLaDA), else only the words
+        assert n == (x.numel() if hide else (x != PAD).sum())
+
+
+def test_hide_length_generation_and_scoring_read_every_position():
+    cfg = tiny_cfg("--hide_length")
+    imgs, x, tok = tiny_batch(cfg, 3)
+    torch.manual_seed(0)
+    model = mdc.Model(cfg, len(tok)).eval()
+    out = mdc.generate_mdc(model, imgs, length=torch.tensor([2, 3, 4]))   # the model writes the length
+    assert out.shape == (3, cfg.max_len) and not (out == MASK).any()
+    v = model.encoder(imgs)
+    with torch.no_grad():      # t = 1: every position masked, each a key; the CE summed over all, pads too
+        ce = mdc.token_ce(model.decode(torch.full_like(x, MASK), v, torch.ones_like(x, dtype=torch.bool)), x)
+    assert torch.allclose(mdc.caption_logprob(model, v, x, "all"), -ce.sum(1), atol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # learning, generation
 
@@ -254,6 +306,40 @@ def test_mdc_generation_random_order_and_fewer_steps_return_valid_tokens():
     assert not (out == MASK).any()
     real = out != PAD
     assert set(real.sum(1).tolist()) <= {3, 4}  # lengths drawn from the prior (3 or 2 words + [EOS])
+
+
+@pytest.mark.parametrize("order", ["confidence", "random"])
+def test_mdc_generation_commits_a_scheduled_number_of_argmax_tokens_per_round(order):
+    """What the random order is (LLaDA's random remasking at temperature 0, not MDLM's ancestral
+    step): every round unmasks a fixed share of the caption, each position as the argmax of that
+    round's prediction; confidence commits the most probable positions first."""
+    cfg = tiny_cfg()
+    imgs, x, tok = tiny_batch(cfg, 3)
+    torch.manual_seed(0)
+    model = mdc.Model(cfg, len(tok)).eval()
+    rounds = []
+
+    class Watch:                                          # looks like the model to generate_mdc
+        cfg, encoder, len_hist = model.cfg, model.encoder, model.len_hist
+
+        def decode(self, tokens, v, real, causal=False):
+            rounds.append((tokens.clone(), model.decode(tokens, v, real, causal)))
+            return rounds[-1][1]
+
+    length = torch.tensor([9, 6, 3])
+    out = mdc.generate_mdc(Watch(), imgs, length, steps=3, order=order, generator=torch.Generator().manual_seed(1))
+    for k, (before, logits) in enumerate(rounds):
+        after = rounds[k + 1][0] if k + 1 < len(rounds) else out
+        new = (before == MASK) & (after != MASK)                                 # (B, L') committed in round k
+        assert new.sum(1).tolist() == (length // 3).tolist()                     # 3, 2 and 1 per round
+        probs = logits.float().softmax(-1)
+        assert torch.equal(after[new], probs.argmax(-1)[new])                    # temperature 0
+        if order == "confidence":                                                # no masked position left more sure
+            conf = probs.max(-1).values
+            left = (after == MASK)
+            for b in range(3):
+                if left[b].any():
+                    assert conf[b][new[b]].min() >= conf[b][left[b]].max()
 
 
 # -----------------------------------------------------------------------------
@@ -598,18 +684,26 @@ def pixel_mask(masked, cfg):
     return masked.view(-1, 1, h, h).repeat_interleave(p, 2).repeat_interleave(p, 3)
 
 
+def own_best_caption(model, imgs, x):
+    """x with image 0's caption swapped for the caption rils's model scores highest for image 0, by a
+    margin no CPU's rounding can undo: then image 0's best caption is its own, and rils's masked
+    term has patches to average over."""
+    with torch.no_grad():
+        img, txt = model.embed(model.encoder(imgs), x, x != PAD)
+        top = (img[0] @ txt.T).topk(2)                                        # image 0 against every caption
+    assert top.values[0] - top.values[1] > 1e-4, top
+    j = int(top.indices[0])
+    x = x.clone()
+    x[[0, j]] = x[[j, 0]]
+    return x
+
+
 @pytest.mark.parametrize("objective", MIM)
 def test_masked_image_losses_are_finite_and_train_every_part(objective, tmp_path):
     cfg, model = mim_model(objective, tmp_path)
     imgs, x, _ = tiny_batch(cfg)
-    if objective == "rils":  # its masked term needs an image whose best caption is its own: give image 0
-        with torch.no_grad():  # the caption it scores highest, by a margin no CPU's rounding can undo
-            img, txt = model.embed(model.encoder(imgs), x, x != PAD)
-            top = (img[0] @ txt.T).topk(2)                                    # image 0 against every caption
-        assert top.values[0] - top.values[1] > 1e-4, top
-        j = int(top.indices[0])
-        x = x.clone()
-        x[[0, j]] = x[[j, 0]]
+    if objective == "rils":  # its masked term needs an image whose best caption is its own
+        x = own_best_caption(model, imgs, x)
     loss, n = mdc.LOSSES[objective](model, imgs, x, mdc.draw_noise(cfg, len(x), 0), cfg)
     assert loss.shape == () and torch.isfinite(loss) and n > 0
     loss.backward()
@@ -649,11 +743,11 @@ def test_the_encoder_never_sees_the_masked_patches(objective, tmp_path):
 
 class Recorder(nn.Module):
     """Stands in for Model in the pixel objectives: returns the given predictions, call by call, and
-    records what it was fed."""
+    records what it was fed (its encoder is there for the ImageNet normalisation of mae's targets)."""
 
     def __init__(self, preds):
         super().__init__()
-        self.preds, self.calls = preds, []
+        self.preds, self.calls, self.encoder = preds, [], mdc.ViT(tiny_cfg())
 
     def forward(self, imgs, keep=None, t=None):
         self.calls.append(dict(imgs=imgs, keep=keep, t=t))
@@ -672,13 +766,15 @@ def test_mae_loss_counts_the_masked_patches_only_and_matches_a_hand_computation(
     spy = Recorder([pred])
     loss, n = mdc.mae_loss(spy, imgs, x, noise, cfg)
     vis = visible_of(spy.calls[0]["keep"])
-    # by hand: MSE to each patch's pixels normalised by its own mean and (unbiased) variance
+    # by hand: the pixels as the encoder sees them (MAE's targets): normalised per channel by the
+    # ImageNet mean and std, then each masked patch by its own mean and (unbiased) variance
+    seen = (imgs - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     errs = []
     for b in range(4):
         for k in range(16):
             if not vis[b, k]:
                 i, j = divmod(k, 4)
-                patch = imgs[b, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].permute(1, 2, 0).reshape(-1)
+                patch = seen[b, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].permute(1, 2, 0).reshape(-1)
                 target = (patch - patch.mean()) / (patch.var() + 1e-6).sqrt()
                 errs.append(((pred[b, k] - target) ** 2).mean().item())
     assert n == len(errs) == 4 * 12 and abs(loss.item() - np.mean(errs)) < 1e-5
@@ -773,6 +869,60 @@ def test_rils_teacher_distribution_gets_no_gradient(tmp_path, monkeypatch):
     student, teacher = seen
     assert student.requires_grad and teacher.grad_fn is None and not teacher.requires_grad
     assert model.text.tok.weight.grad.abs().sum() > 0    # the captions' side learns too
+
+
+def test_rils_reconstruction_term_gives_the_text_encoder_no_gradient(tmp_path):
+    """The sentence-space term takes the caption embeddings as constants (RILS gathers them without
+    gradient): the text side's gradient of the whole loss is that of the contrastive term alone,
+    while the image side's is not."""
+    cfg, model = mim_model("rils", tmp_path)
+    imgs, x, _ = tiny_batch(cfg)
+    x = own_best_caption(model, imgs, x)
+    noise = mdc.draw_noise(cfg, len(x), 0)
+    text = list(model.text.parameters()) + [model.txt_proj.weight]
+    mdc.rils_loss(model, imgs, x, noise, cfg)[0].backward()
+    whole = [p.grad.clone() for p in text] + [model.encoder.patch.weight.grad.clone()]
+    model.zero_grad()
+    keep, _ = mdc.keep_first(noise.patches, cfg.mask_ratio)              # the contrastive term alone, by hand
+    img, txt, _, _ = model(imgs, x, x != PAD, keep=keep)
+    logits = model.log_scale.exp().clamp(max=100) * img @ txt.T
+    labels = torch.arange(len(x))
+    ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2).backward()
+    assert all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-8) for a, p in zip(whole, text))
+    assert not torch.allclose(whole[-1], model.encoder.patch.weight.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_umd_pixel_noise_has_its_own_uniforms():
+    cfg = tiny_cfg("--objective=umd")
+    imgs, x, _ = tiny_batch(cfg, 8)
+    noise = mdc.draw_noise(cfg, 8, 0)
+
+    def noised_input(n):                                  # what the encoder sees in the noised half
+        rec = Recorder([torch.zeros(4, 16, 96), torch.zeros(4, 16, 96)])
+        mdc.umd_loss(rec, imgs, x, n, cfg)
+        return rec.calls[1]["imgs"]
+
+    base = noised_input(noise)
+    assert torch.equal(base, noised_input(noise._replace(caption=torch.rand(noise.caption.shape))))
+    assert not torch.allclose(base, noised_input(noise._replace(pixels=torch.rand(noise.pixels.shape))), atol=1e-3)
+
+
+def test_umd_probe_feature_is_the_mean_of_the_clean_unmasked_patch_tokens(tmp_path):
+    """As umd_loss's docstring says: no class or register tokens, no t, no mask; the feature probe.py
+    extracts is the mean over the N patch tokens of the clean image, computed here step by step."""
+    cfg, model = mim_model("umd", tmp_path)
+    imgs, _, tok = tiny_batch(cfg, 4)
+    path = str(tmp_path / "umd.pt")
+    mdc.save_checkpoint(path, model, None, cfg, tok, 0)
+    enc = probe.load_encoders([path])[0]["encoder"].eval()
+    feats = probe.extract(enc.features, torch.utils.data.TensorDataset(imgs, torch.zeros(4)), cfg.img_size, torch.device("cpu"))[0]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    h = F.conv2d((imgs - mean) / std, enc.patch.weight, enc.patch.bias, stride=cfg.patch_size)  # (B, D, 4, 4)
+    h = h.flatten(2).transpose(1, 2) + mdc.sincos_2d(4, cfg.width)        # (B, 16, D): the patches, nothing else
+    for blk in enc.blocks:
+        h = blk(h)
+    assert torch.allclose(feats, enc.ln(h).mean(1), atol=1e-5)
 
 
 @pytest.mark.parametrize("objective,frac", [("mae", 0.4), ("umd", 0.6), ("milan", 0.1), ("rils", 0.5)])
