@@ -10,8 +10,8 @@ captions as strings that the tokenizer turns into (B, L) int64 ids.
     python data.py prepare --data=flickr:data/flickr8k --size=64 --out=data/f8k64   # decode once
     python data.py bench   --data=flickr:data/flickr8k --size=64 --out=data/f8k64   # feed rates
 
-Reading a prepared cache is an index into a memory map, no decoding: RESULTS.md has the feed
-rates of both paths. augment() is written for the device the batch is on (the GPU).
+Reading a prepared cache is an index into a memory map, no decoding: `python data.py bench` prints
+the feed rates of both paths. augment() is written for the device the batch is on (the GPU).
 """
 import argparse
 import csv
@@ -122,6 +122,8 @@ SIZES = ["small", "large"]
 TIE_SHAPE = list(range(len(COLORS)))  # --tie: the shape a colour implies: red circle, green square, blue triangle, ...
 RELATIONS = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}  # and its inverse
 WORD_KINDS = {"size": SIZES, "colour": COLOR_NAMES, "shape": SHAPES}  # per-word-kind signal (probe.py)
+WORD_KIND = {**{w: kind for kind, words in WORD_KINDS.items() for w in words},   # word -> its kind; the other
+             **{w: "relation" for rel in RELATIONS for w in rel.split()}}       # words ("a", [EOS]) are their own
 ORDERS = ("color_first", "shape_first")
 MAX_OBJECTS = 2
 P_SINGLE = 0.5            # the fraction of scenes with a single object (the others have two)
@@ -264,6 +266,7 @@ PROBE_TASKS = {  # name -> (number of classes, label of a single-object scene)
     "shape_color": (len(SHAPES) * len(COLORS), lambda a: a["shape"][:, 0] * len(COLORS) + a["color"][:, 0]),
 }
 PROBE_SEED = 12345  # probe scenes come from another seed than pre-training: no probe image was seen in training
+PROBE_TEST_OFFSET = 1 << 41  # the probe's test scenes are indices from here on, far from the training scenes' 0, 1, ...
 
 
 def shapes_probe(task="shape", n_train=5000, n_test=2000, img_size=32, seed=0):
@@ -272,7 +275,7 @@ def shapes_probe(task="shape", n_train=5000, n_test=2000, img_size=32, seed=0):
     encoder knows about shape, not about colour. Returns (x_train, y_train, x_test, y_test, n_classes)."""
     n_classes, label = PROBE_TASKS[task]
     out = []
-    for off, n in ((0, n_train), (1 << 41, n_test)):
+    for off, n in ((0, n_train), (PROBE_TEST_OFFSET, n_test)):
         idx = np.arange(n, dtype=np.int64) + off
         attrs = scene_attributes(seed + PROBE_SEED, idx, n_objects=1, spread=PROBE_SPREAD)
         out += [render(attrs, img_size, seed + PROBE_SEED, idx), torch.from_numpy(label(attrs).astype(np.int64))]

@@ -19,8 +19,8 @@ random initialisation) and `pixels` (raw pixels) are the floors every table shou
   lowers the decoder's loss at each position against a mismatched image; and the largest
   attention logit (`--logits`), a stability diagnostic.
 
-Speed: `python probe.py --bench` times the L-BFGS sweep on 50,000 x 384 features, 100 classes
-(RESULTS.md has the measured figures). Imports run one way: probe -> mdc -> data.
+Speed: `python probe.py --bench` times the L-BFGS sweep on 50,000 x 384 features, 100 classes.
+Imports run one way: probe -> mdc -> data (mdc.py reaches quick_probe from its command line only).
 """
 import argparse
 import hashlib
@@ -332,7 +332,28 @@ def sklearn_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), seed=0, solver="l
     return out
 
 
+def physical_memory():
+    """Bytes of memory this machine has, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_newton_memory(n_features, n_classes):
+    """scikit-learn's newton-cholesky builds the multinomial Hessian, (C (D + 1))^2 float64 values,
+    and works on copies of it: on wide features (raw pixels) that is more memory than a machine
+    has. Stop with one line, before any fit, when one copy alone is over a quarter of it."""
+    need, have = 8 * (n_classes * (n_features + 1)) ** 2, physical_memory()
+    if have and 4 * need > have:
+        raise data.UsageError(f"--sklearn_solver=newton-cholesky on {n_features}-wide features of {n_classes} classes builds a "
+                              f"{need / 2**30:.1f} GiB Hessian (and copies) on a machine of {have / 2**30:.0f} GiB; use "
+                              f"--sklearn_solver=lbfgs, or a narrower feature set")
+
+
 def linear_probe(xtr, ytr, xte, yte, n_classes, fitter="both", device="cpu", log=print, sklearn_solver="lbfgs"):
+    if fitter == "sklearn" and sklearn_solver == "newton-cholesky":
+        check_newton_memory(xtr.shape[1], n_classes)
     out = {}
     if fitter in ("ridge", "both"):
         out.update(ridge_probe(xtr, ytr, xte, yte, n_classes, log=log))
@@ -442,7 +463,7 @@ def shapes_zeroshot(task, n, seed=0, order="color_first"):
     both), one candidate per class, so candidates differ in the class words alone.
     Returns (B lists of n_classes captions, labels (B,))."""
     n_classes, label = data.PROBE_TASKS[task]
-    idx = np.arange(n, dtype=np.int64) + (1 << 41)         # the test split of data.shapes_probe
+    idx = np.arange(n, dtype=np.int64) + data.PROBE_TEST_OFFSET   # the test split of data.shapes_probe
     attrs = data.scene_attributes(seed + data.PROBE_SEED, idx, n_objects=1, spread=data.PROBE_SPREAD)
     cands = []
     for i in range(n):

@@ -31,8 +31,8 @@ from data import MASK, PAD
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Small tensors: one thread. On 2 cores shared with other jobs, OpenMP's synchronisation made
-    a tiny training step 100x slower with 2 threads (measured 600 ms vs 5 ms)."""
+    """Small tensors: one thread. OpenMP's synchronisation between threads costs these tiny
+    training steps far more than it gains, most of all on cores that other work keeps busy."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -964,7 +964,8 @@ def test_probe_cli_on_masked_image_checkpoints(objective, tmp_path):
 
 # =============================================================================
 # data.py: every loader on fixtures written into a temporary folder; bad input; the batch stream
-SHARED = Path(__file__).parent.parent / "shared" / "data"
+# real data (Flickr8k, CIFAR-10 as an ImageFolder tree) where $MDC_DATA points, else data/ beside this file
+REAL_DATA = Path(os.environ.get("MDC_DATA", Path(__file__).parent / "data"))
 
 
 def png(path, color, size=(12, 8)):
@@ -1275,36 +1276,36 @@ def test_cifar_offline_message(tmp_path, monkeypatch):
         data.probe_dataset("cifar10", "train", data_root=str(tmp_path))
 
 
-@pytest.mark.skipif(not (SHARED / "flickr8k" / "captions.txt").exists(), reason="no ../shared/data/flickr8k")
+@pytest.mark.skipif(not (REAL_DATA / "flickr8k" / "captions.txt").exists(), reason="no flickr8k in $MDC_DATA (default data/)")
 def test_real_flickr8k():
-    train, val = data.build_caption_data(f"flickr:{SHARED / 'flickr8k'}", img_size=32)
+    train, val = data.build_caption_data(f"flickr:{REAL_DATA / 'flickr8k'}", img_size=32)
     assert train.log.total == 40455 and len(train) + len(val) == 8091
     assert not set(train.srcs) & set(val.srcs)
     imgs, caps = next(data.batches(train, 0, 8, seed=0))
     assert imgs.shape == (8, 3, 32, 32) and len(caps) == 8 and all(caps)
 
 
-@pytest.mark.skipif(not (SHARED / "cifar10" / "train").exists(), reason="no ../shared/data/cifar10")
+@pytest.mark.skipif(not (REAL_DATA / "cifar10" / "train").exists(), reason="no cifar10 in $MDC_DATA (default data/)")
 def test_real_cifar10_imagefolder():
-    tr = data.probe_dataset(f"imagefolder:{SHARED / 'cifar10'}", "train", per_class=20)
-    te = data.probe_dataset(f"imagefolder:{SHARED / 'cifar10'}", "val", per_class=20)  # val -> test/
+    tr = data.probe_dataset(f"imagefolder:{REAL_DATA / 'cifar10'}", "train", per_class=20)
+    te = data.probe_dataset(f"imagefolder:{REAL_DATA / 'cifar10'}", "val", per_class=20)  # val -> test/
     assert tr.n_classes == te.n_classes == 10 and len(tr) == len(te) == 200
     x, y = te[0]
     assert x.shape == (3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1 and y == 0
 
 
-@pytest.mark.skipif(not (SHARED / "flickr8k").exists() or not (SHARED / "cifar10").exists(),
-                    reason="no ../shared/data/flickr8k or cifar10")
+@pytest.mark.skipif(not (REAL_DATA / "flickr8k").exists() or not (REAL_DATA / "cifar10").exists(),
+                    reason="no flickr8k or cifar10 in $MDC_DATA (default data/)")
 def test_real_flickr8k_trains_and_cifar10_probes(tmp_path):
     """End to end on real data: a few MDC steps on Flickr8k (augmented), then the encoder's
     features on CIFAR-10 read through the ImageFolder path."""
-    cfg = tiny_cfg(f"--data=flickr:{SHARED / 'flickr8k'}", "--steps=3", "--augment", "--vocab_min_count=5",
+    cfg = tiny_cfg(f"--data=flickr:{REAL_DATA / 'flickr8k'}", "--steps=3", "--augment", "--vocab_min_count=5",
                    f"--out_dir={tmp_path}")
     model, tok, val = mdc.train(cfg)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["vocab"] == tok.itos and len(tok) > 1000  # a real vocabulary
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    ds = data.probe_dataset(f"imagefolder:{SHARED / 'cifar10'}", "train", cfg.img_size, per_class=5)
+    ds = data.probe_dataset(f"imagefolder:{REAL_DATA / 'cifar10'}", "train", cfg.img_size, per_class=5)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     with torch.no_grad():
         f = model.eval().encoder.features(x)
@@ -1500,6 +1501,20 @@ def test_the_sklearn_reference_agrees_with_the_lbfgs_probe(solver):
     r = probe.linear_probe(*split(x, y, 1000), 5, fitter="sklearn", log=lambda s: None, sklearn_solver=solver)
     assert r["sklearn converged at logreg lambda"] and r["sklearn solver"] == solver
     assert abs(r["sklearn top1 at logreg lambda"] - r["logreg top1"]) <= 0.004    # 2 of 500 test points
+
+
+def test_newton_cholesky_on_wide_features_stops_with_one_line_before_any_fit(monkeypatch, capsys):
+    """Raw 32 px pixels (3,072 wide), 10 classes: a 7.0 GiB Hessian; on a 24 GiB machine that is
+    refused with what to use instead, before the L-BFGS probe spends its minutes; 384-wide features pass."""
+    monkeypatch.setattr(probe, "physical_memory", lambda: 24 * 2**30)
+    x, y = torch.zeros(40, 3072), torch.arange(40) % 10
+    with pytest.raises(data.UsageError, match=r"7\.0 GiB Hessian.*use --sklearn_solver=lbfgs"):
+        probe.linear_probe(x, y, x, y, 10, fitter="sklearn", log=print, sklearn_solver="newton-cholesky")
+    assert capsys.readouterr().out == ""                 # no fit ran
+    probe.check_newton_memory(384, 10)
+    with pytest.raises(SystemExit) as e:                 # at the command line: one line, status 2
+        data.command_line(lambda argv: probe.check_newton_memory(3072, 10), [], "probe.py")
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_grid_is_extended_when_the_best_is_on_its_edge():
