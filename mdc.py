@@ -71,7 +71,7 @@ class Config:
     antithetic: bool = True     # mdc: low-discrepancy t across the batch (MDLM), lowers loss variance
     # Off by default, a deviation: [PAD] is never masked nor a key, so mdc and cappa's parallel branch know the
     # length. big_vision's cappa.py masks and attends over all (its loss skips pads); LLaDA masks and predicts pads.
-    hide_length: bool = False   # mdc, cappa: every position up to max_len is masked and attended, [PAD] too (mdc predicts it)
+    hide_length: bool = False   # mdc, cappa: mask and attend over every position to max_len, [PAD] too (mdc predicts it)
     tie: float = 0.0            # shapes: probability that an object's shape is the one its colour implies (a text prior)
     order: str = "color_first"  # shapes: color_first ("a small red circle") | shape_first ("a small circle in red")
     cappa_frac: float = 0.75    # cappa: fraction of examples with all tokens masked (parallel prediction)
@@ -98,7 +98,7 @@ class Config:
     keep_ckpts: bool = False    # also keep each checkpoint as out_dir/step{N}.pt (probing along training)
     log_every: int = 50         # a row of out_dir/log.csv every so many steps
     sample_steps: int = 0       # mdc generation: denoising steps (0 = one token per step)
-    sample_order: str = "confidence"  # mdc generation: confidence (MaskGIT) | random (LLaDA's random remasking, argmax tokens)
+    sample_order: str = "confidence"  # mdc generation: confidence (MaskGIT) | random (LLaDA's random remasking)
     probe: str = "shapes"       # probe dataset at the end of training ("" to skip)
     data_root: str = "data"     # where --probe=cifar10/cifar100 are (or are downloaded to)
     seed: int = 0               # initialisation, data order, noise: a run is a function of its flags

@@ -9,12 +9,13 @@ Every call prints one table, rows = encoders, columns = metrics; `random` (the s
 random initialisation) and `pixels` (raw pixels) are the floors every table should carry.
 - Linear probe on frozen features (mean of the final tokens after the final LayerNorm),
   extracted once and cached on disk: closed-form ridge regression (big_vision's fast few-shot
-  probe, `mdc.ridge_probe`, which `python mdc.py` also runs) and L2-regularised multinomial logistic regression fitted by L-BFGS, strength chosen
-  on a stratified 10% hold-out and refitted on all of the training set (CLIP's protocol).
+  probe, `ridge_probe`, which `python mdc.py` also runs, by `quick_probe`) and L2-regularised
+  multinomial logistic regression fitted by L-BFGS, strength chosen on a stratified 10% hold-out
+  and refitted on all of the training set (CLIP's protocol).
 - Zero-shot classification, ARO-style compositionality and image-text retrieval, all by
-  scoring captions: mdc by its ELBO (K Monte Carlo draws) or a cheap heuristic, ar/cappa by
-  the exact log-likelihood, clip/siglip/rils by cosine similarity (mae, umd, milan have no text
-  side: they get the linear probe only).
+  scoring captions (RULES): mdc by minus its training loss (K Monte Carlo draws; the ELBO only as
+  t_min -> 0) or a cheaper rule, ar/cappa by the exact log-likelihood, clip/siglip/rils by cosine
+  similarity (mae, umd, milan have no text side: they get the linear probe only).
 - The visual signal per caption position (`--signal`, `--plot`): how much the true image
   lowers the decoder's loss at each position against a mismatched image; and the largest
   attention logit (`--logits`), a stability diagnostic.
@@ -444,7 +445,7 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
                     s = (img.float() * txt.float()).sum(-1)
                 else:
                     # the same (t, mask) draws for every candidate of an image (common random
-                    # numbers): the ELBO's Monte Carlo noise mostly cancels when candidates are compared
+                    # numbers): the loss rule's Monte Carlo noise mostly cancels when candidates are compared
                     g = torch.Generator().manual_seed(seed * 1_000_003 + i)
                     s = mdc.caption_logprob(model, v, xc, rule, K, g)
             out[i:i + b, c] = s.float().cpu()
