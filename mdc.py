@@ -829,13 +829,12 @@ def build_model(cfg, vocab_size, len_hist=None, teacher_cfg=None):
 
 
 # -----------------------------------------------------------------------------
-# Training: the optimiser, a step, the loop; checkpoints; DDP; the benchmark
+# Training: the optimiser, a step, the loop
 
 
 def autocast(device):
     """bf16 autocast on CUDA; a no-op on a CPU, which runs in fp32."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
 
 
 def lr_at(step, cfg):
@@ -857,95 +856,6 @@ def make_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
 
 
-def save_checkpoint(path, model, opt, cfg, tok, step):
-    """Plain tensors, numbers and strings only, so torch.load(..., weights_only=True) reads it.
-    Written to a temporary file and renamed: a crash never leaves half a checkpoint."""
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None,
-            "config": asdict(cfg), "vocab": tok.itos, "step": step,
-            "rng": torch.get_rng_state(), "torch_version": str(torch.__version__),
-            "teacher_config": asdict(model.teacher_cfg) if hasattr(model, "teacher_cfg") else None}  # milan
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict at path, or a UsageError that says what the file is not."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # not a torch file, or one with pickled objects in it
-        why = (str(e).splitlines() or [""])[0][:120]
-        raise UsageError(f"{path} is not a checkpoint written by mdc.py ({type(e).__name__}: {why})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "vocab", "step"} <= set(ckpt):
-        raise UsageError(f"{path} is not a checkpoint written by mdc.py (no model, config, vocab and step in it)")
-    ckpt["model"] = upgrade_state(ckpt["model"], ckpt["config"].get("objective"))
-    return ckpt
-
-
-def upgrade_state(state, objective):
-    """A state dict of an earlier mdc.py, in today's names: cross-attention's query projection was
-    called qkv, and clip kept a frozen logit bias of 0."""
-    state = {k.replace(".xattn.qkv.", ".xattn.q."): v for k, v in state.items()}
-    if objective in CONTRASTIVE and CONTRASTIVE[objective][1] is None:
-        state.pop("logit_bias", None)
-    return state
-
-
-def config_of(ckpt):
-    """The Config a checkpoint was trained with (fields it predates take their defaults)."""
-    known = {f.name for f in fields(Config)}
-    if unknown := sorted(set(ckpt["config"]) - known):
-        raise UsageError(f"the checkpoint has flags this mdc.py does not know ({', '.join(unknown)}): a newer version wrote it")
-    return Config(**ckpt["config"])
-
-
-def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode, Config, Tokenizer, checkpoint dict)."""
-    ckpt = read_checkpoint(path, device)
-    cfg = config_of(ckpt)
-    tok = data.Tokenizer(ckpt["vocab"])
-    teacher_cfg = Config(**ckpt["teacher_config"]) if ckpt.get("teacher_config") else None   # milan
-    model = build_model(cfg, len(tok), teacher_cfg=teacher_cfg).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg, tok, ckpt
-
-
-def load_teacher(cfg, device):
-    """milan: the frozen teacher's checkpoint cfg.teacher -> (its Model, its Config). It must be a clip
-    or siglip run of this project with the student's img_size and patch_size (one token per patch)."""
-    if not os.path.exists(cfg.teacher):
-        raise UsageError(f"--teacher: no checkpoint at {cfg.teacher}")
-    clip, tcfg, _, _ = load_checkpoint(cfg.teacher, device)
-    if tcfg.objective not in TEACHERS:
-        raise UsageError(f"--teacher must be a clip or siglip checkpoint; {cfg.teacher} was trained with --objective={tcfg.objective}")
-    if (tcfg.img_size, tcfg.patch_size) != (cfg.img_size, cfg.patch_size):
-        raise UsageError(f"--teacher has img_size {tcfg.img_size} and patch_size {tcfg.patch_size}; "
-                         f"this run has {cfg.img_size} and {cfg.patch_size}: they must match")
-    return clip, tcfg
-
-
-def pick_device(name="auto"):
-    """auto = CUDA when there is one, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def setup_distributed(device):
-    """torchrun sets RANK/WORLD_SIZE: nccl on CUDA, gloo on CPU. Returns (rank, world, device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    import torch.distributed as dist
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def caption_data(cfg):
     """(train set, val set, tokenizer, the training captions): the tokenizer is built from them."""
     train, val = data.build_caption_data(cfg.data, img_size=cfg.img_size, seed=cfg.seed, all_captions=cfg.all_captions,
@@ -959,23 +869,6 @@ def length_histogram(caps, max_len):
     """(max_len + 1,) counts of caption lengths in tokens, [EOS] included (mdc's length prior)."""
     lengths = [min(len(data.split_words(c)), max_len - 1) + 1 for c in caps]
     return torch.bincount(torch.tensor(lengths), minlength=max_len + 1)[:max_len + 1]
-
-
-@torch.no_grad()
-def evaluate(model, cfg, val, tok, n_batches=4):
-    """Mean validation loss on fixed batches with fixed noise, comparable across steps and runs."""
-    device = next(model.parameters()).device
-    model.eval()
-    losses = []
-    n_batches = min(n_batches, len(val) // cfg.batch_size) or 1
-    for i in range(n_batches):
-        imgs, caps = val.batch(np.arange(i * cfg.batch_size, min((i + 1) * cfg.batch_size, len(val))))
-        x = tok.batch(caps, cfg.max_len).to(device)
-        noise = draw_noise(cfg, len(x), i, salt=999).to(device)
-        with autocast(device):
-            losses.append(LOSSES[cfg.objective](model, imgs.to(device), x, noise, cfg)[0].item())
-    model.train()
-    return sum(losses) / len(losses)
 
 
 def device_batch(imgs, caps, tok, cfg, step, rank=0, world=1):
@@ -1008,6 +901,23 @@ def train_step(model, opt, imgs, x, step, cfg, rank=0, world=1):
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
     opt.step()
     return loss.detach(), gnorm
+
+
+@torch.no_grad()
+def evaluate(model, cfg, val, tok, n_batches=4):
+    """Mean validation loss on fixed batches with fixed noise, comparable across steps and runs."""
+    device = next(model.parameters()).device
+    model.eval()
+    losses = []
+    n_batches = min(n_batches, len(val) // cfg.batch_size) or 1
+    for i in range(n_batches):
+        imgs, caps = val.batch(np.arange(i * cfg.batch_size, min((i + 1) * cfg.batch_size, len(val))))
+        x = tok.batch(caps, cfg.max_len).to(device)
+        noise = draw_noise(cfg, len(x), i, salt=999).to(device)
+        with autocast(device):
+            losses.append(LOSSES[cfg.objective](model, imgs.to(device), x, noise, cfg)[0].item())
+    model.train()
+    return sum(losses) / len(losses)
 
 
 LOG_COLUMNS = ("step", "loss", "grad_norm_median", "grad_norm_max", "lr", "img_s", "val_loss")
@@ -1110,6 +1020,79 @@ def train(cfg, callback=None):
     return model.eval(), tok, val_set
 
 
+# -----------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+def save_checkpoint(path, model, opt, cfg, tok, step):
+    """Plain tensors, numbers and strings only, so torch.load(..., weights_only=True) reads it.
+    Written to a temporary file and renamed: a crash never leaves half a checkpoint."""
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None,
+            "config": asdict(cfg), "vocab": tok.itos, "step": step,
+            "rng": torch.get_rng_state(), "torch_version": str(torch.__version__),
+            "teacher_config": asdict(model.teacher_cfg) if hasattr(model, "teacher_cfg") else None}  # milan
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict at path, or a UsageError that says what the file is not."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # not a torch file, or one with pickled objects in it
+        why = (str(e).splitlines() or [""])[0][:120]
+        raise UsageError(f"{path} is not a checkpoint written by mdc.py ({type(e).__name__}: {why})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "vocab", "step"} <= set(ckpt):
+        raise UsageError(f"{path} is not a checkpoint written by mdc.py (no model, config, vocab and step in it)")
+    ckpt["model"] = upgrade_state(ckpt["model"], ckpt["config"].get("objective"))
+    return ckpt
+
+
+def upgrade_state(state, objective):
+    """A state dict of an earlier mdc.py, in today's names: cross-attention's query projection was
+    called qkv, and clip kept a frozen logit bias of 0."""
+    state = {k.replace(".xattn.qkv.", ".xattn.q."): v for k, v in state.items()}
+    if objective in CONTRASTIVE and CONTRASTIVE[objective][1] is None:
+        state.pop("logit_bias", None)
+    return state
+
+
+def config_of(ckpt):
+    """The Config a checkpoint was trained with (fields it predates take their defaults)."""
+    known = {f.name for f in fields(Config)}
+    if unknown := sorted(set(ckpt["config"]) - known):
+        raise UsageError(f"the checkpoint has flags this mdc.py does not know ({', '.join(unknown)}): a newer version wrote it")
+    return Config(**ckpt["config"])
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model in eval mode, Config, Tokenizer, checkpoint dict)."""
+    ckpt = read_checkpoint(path, device)
+    cfg = config_of(ckpt)
+    tok = data.Tokenizer(ckpt["vocab"])
+    teacher_cfg = Config(**ckpt["teacher_config"]) if ckpt.get("teacher_config") else None   # milan
+    model = build_model(cfg, len(tok), teacher_cfg=teacher_cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg, tok, ckpt
+
+
+def load_teacher(cfg, device):
+    """milan: the frozen teacher's checkpoint cfg.teacher -> (its Model, its Config). It must be a clip
+    or siglip run of this project with the student's img_size and patch_size (one token per patch)."""
+    if not os.path.exists(cfg.teacher):
+        raise UsageError(f"--teacher: no checkpoint at {cfg.teacher}")
+    clip, tcfg, _, _ = load_checkpoint(cfg.teacher, device)
+    if tcfg.objective not in TEACHERS:
+        raise UsageError(f"--teacher must be a clip or siglip checkpoint; {cfg.teacher} was trained with --objective={tcfg.objective}")
+    if (tcfg.img_size, tcfg.patch_size) != (cfg.img_size, cfg.patch_size):
+        raise UsageError(f"--teacher has img_size {tcfg.img_size} and patch_size {tcfg.patch_size}; "
+                         f"this run has {cfg.img_size} and {cfg.patch_size}: they must match")
+    return clip, tcfg
+
+
 # the flags a --resume may change: how long and how the run goes on, not what it trains
 RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval_every", "ckpt_every", "keep_ckpts", "log_every",
              "sample_steps", "sample_order", "probe", "data_root", "out_dir", "num_workers", "device", "compile", "bench", "bench_steps")
@@ -1133,6 +1116,30 @@ def resume(ckpt, path, model, opt, tok, master):
     if master:
         print(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"]
+
+
+# -----------------------------------------------------------------------------
+# The device and DDP
+
+
+def pick_device(name="auto"):
+    """auto = CUDA when there is one, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup_distributed(device):
+    """torchrun sets RANK/WORLD_SIZE: nccl on CUDA, gloo on CPU. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
 def check_ranks_in_sync(model, master):
