@@ -304,7 +304,7 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
 TEMPLATES = ["a photo of a {}."]
 
 
-def shapes_zeroshot(task, n, seed=0, order="color_first"):
+def shapes_zeroshot(task, n, seed=0, order="color_first", alias=0):
     """Candidates for the synthetic probe's test images (data.shapes_probe): each image's own
     caption, described again with only the class attribute changed (the shape, the colour, or
     both), one candidate per class, so candidates differ in the class words alone.
@@ -323,7 +323,7 @@ def shapes_zeroshot(task, n, seed=0, order="color_first"):
                 a["color"][0, 0] = c
             else:                                          # label = shape * n_colours + colour
                 a["shape"][0, 0], a["color"][0, 0] = divmod(c, len(data.COLORS))
-            row.append(data.describe(a, 0, order))
+            row.append(data.describe(a, 0, order, alias))
         cands.append(row)
     return cands, torch.from_numpy(label(attrs).astype(np.int64))
 
@@ -340,7 +340,7 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=No
     """Accuracy per scoring rule on (up to) n test images. None if the classes have no names."""
     kind, _, task = spec.partition(":")
     if kind == "shapes":
-        cands, labels = shapes_zeroshot(task or "shape", n, seed, cfg.order)
+        cands, labels = shapes_zeroshot(task or "shape", n, seed, cfg.order, cfg.alias)
         imgs = data.dataset_tensors(ds)[0][:n]
         assert torch.equal(labels, data.dataset_tensors(ds)[1][:n]), "data.shapes_probe changed; update shapes_zeroshot"
     else:
@@ -365,15 +365,20 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=No
 
 def noun_phrases(words):
     """(start, end, index of the colour word) of the synthetic grammar's noun phrases:
-    "a <size> <colour> <shape>" (color_first) or "a <size> <shape> in <colour>" (shape_first)."""
+    "a <size> <colour> <shape> <aliases>" (color_first) or "a <size> <shape> <aliases> in <colour>"
+    (shape_first); the shape's aliases (--alias) belong to its phrase."""
     out = []
     for j in range(len(words) - 3):
         if words[j] != "a":
             continue
-        if words[j + 2] in data.COLOR_NAMES:
-            out.append((j, j + 4, j + 2))
-        elif words[j + 3:j + 4] == ["in"] and words[j + 4:j + 5] and words[j + 4] in data.COLOR_NAMES:
-            out.append((j, j + 5, j + 4))
+        colour_first = words[j + 2] in data.COLOR_NAMES
+        k = j + 3 if colour_first else j + 2                    # the shape word, then past its aliases
+        while k + 1 < len(words) and words[k + 1] in data.ALIAS_WORDS:
+            k += 1
+        if colour_first:
+            out.append((j, k + 1, j + 2))
+        elif words[k + 1:k + 2] == ["in"] and words[k + 2:k + 3] and words[k + 2] in data.COLOR_NAMES:
+            out.append((j, k + 3, k + 2))
     return out
 
 
@@ -559,9 +564,12 @@ def caption_signal(model, cfg, tok, val, n, K=4, seed=0, batch_size=128):
 
 def signal_by_word_kind(diff, count, x, tok):
     """The same signal at the words of each kind of data.WORD_KINDS (shape, colour, size words):
-    {"signal shape word": nats or None, ...}; None where no caption has such a word."""
+    {"signal shape word": nats or None, ...}; None where no caption has such a word, and no key
+    for a kind the vocabulary does not have (the aliases of a model trained without --alias)."""
     out = {}
     for kind, words in data.WORD_KINDS.items():
+        if not any(w in tok.stoi for w in words):
+            continue
         at = torch.isin(x, torch.tensor([tok.stoi[w] for w in words if w in tok.stoi], dtype=x.dtype))  # (B, L)
         n = (count * at).sum()
         out[f"signal {kind} word"] = ((diff * at).sum() / n).item() if n > 0 else None
@@ -906,10 +914,10 @@ def main(argv):
                 m["zero-shot"] = zs
             if do_comp or do_ret or do_sig or args.logits:
                 tie = cfg.tie if args.caption_tie is None else args.caption_tie   # shapes: the model's own world by default
-                key = (captions, cfg.img_size, tie, cfg.order)
+                key = (captions, cfg.img_size, tie, cfg.order, cfg.alias)
                 if key not in caption_sets:
                     caption_sets[key] = data.build_caption_data(captions, img_size=cfg.img_size, seed=args.seed,
-                                                                tie=tie, order=cfg.order)[1]
+                                                                tie=tie, order=cfg.order, alias=cfg.alias)[1]
                 val, m["caption tie"] = caption_sets[key], tie
                 cap_synth = captions == "shapes"
                 if do_comp:

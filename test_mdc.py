@@ -464,6 +464,9 @@ MDC_MISTAKES = [
     (["--resume", "--steps=4", "--max_len=12", "--out_dir={run}"], "--max_len=16, this run has --max_len=12"),
     (["--resume", "--steps=4", "--objective=ar", "--out_dir={run}"], "--objective='mdc', this run has --objective='ar'"),
     (["--resume", "--steps=2", "--out_dir={run}"], "already at step 2 of --steps=2"),
+    (["--alias=3"], "fits --max_len=16"), (["--alias=2", "--order=shape_first"], "16 words and [EOS]"),
+    (["--alias=4", "--max_len=32"], "in 0..3"), (["--alias=1", "--data=csv:/x.csv"], "0 unless --data=shapes"),
+    (["--alias_loss=false", "--alias=2"], "--objective=ar"), (["--alias_loss=false", "--objective=ar"], "--alias > 0"),
 ]
 
 
@@ -851,6 +854,75 @@ def test_shape_first_changes_the_word_order_and_nothing_else():
             size, colour, shape = wx[np_x[0] + 1:np_x[1]]
             assert wy[np_y[0]:np_y[1]] == ["a", size, shape, "in", colour]
     assert any(len(x.split()) > 5 for x in ca)                   # two-object captions were among them
+
+
+@pytest.mark.parametrize("order", data.ORDERS)
+def test_alias_words_follow_their_shape_and_nothing_else_changes(order):
+    plain = data.Shapes(seed=2, order=order)
+    imgs0, caps0 = plain.batch(np.arange(400))
+    shape_at = {"color_first": 3, "shape_first": 2}[order]     # the shape word's place in its noun phrase
+    for r in (0, 1, 2):
+        imgs, caps = data.Shapes(seed=2, order=order, alias=r).batch(np.arange(400))
+        assert torch.equal(imgs, imgs0)                           # the images do not change
+        for c, c0 in zip(caps, caps0):
+            w = c.split()
+            assert [x for x in w if x not in data.ALIAS_WORDS] == c0.split()   # take the aliases out: r = 0's caption
+            assert sum(x in data.ALIAS_WORDS for x in w) == r * len(probe.noun_phrases(w))
+            for a, _, _ in probe.noun_phrases(w):                 # right after each shape word, its own r aliases
+                shape = w[a + shape_at]
+                assert w[a + shape_at + 1:a + shape_at + 1 + r] == list(data.ALIASES[shape][:r]), c
+        if r == 0:
+            assert caps == caps0
+    # the longest caption (two objects, "left of"/"right of") is what longest_caption says, and fits max_len
+    for r in (0, 2):
+        caps = data.Shapes(seed=2, order=order, alias=r).vocab_captions(3000)
+        longest = max(len(c.split()) for c in caps)
+        assert longest == data.longest_caption(order, r)
+    assert data.longest_caption("color_first", 2) + 1 <= mdc.Config.max_len  # [EOS] included
+
+
+def test_alias_vocabulary_is_one_to_one_with_the_shapes():
+    words = [w for s in data.SHAPES for w in data.ALIASES[s]]
+    assert len(set(words)) == len(words) == len(data.SHAPES) * data.MAX_ALIAS   # no alias names two shapes
+    assert not set(words) & {w for c in data.Shapes(seed=0).vocab_captions(500) for w in c.split()}  # nor a grammar word
+    for r in (0, 2):
+        tok = data.Tokenizer.build(data.Shapes(seed=0, alias=r).vocab_captions())
+        assert {w for w in data.ALIAS_WORDS if w in tok.stoi} == {data.ALIASES[s][j] for s in data.SHAPES for j in range(r)}
+
+
+def test_attribute_and_relation_swaps_keep_the_aliases_with_their_shape():
+    c = "a small red circle blick dax above a large blue square fep toma"
+    assert probe.swap_relation(c) == "a large blue square fep toma above a small red circle blick dax"
+    assert probe.swap_attributes(c) == "a small blue circle blick dax above a large red square fep toma"
+    c = "a small circle blick in red left of a large square fep in blue"
+    assert probe.swap_relation(c) == "a large square fep in blue left of a small circle blick in red"
+    cands, _ = probe.shapes_zeroshot("shape", 20, alias=2)
+    for row in cands:                                             # candidates differ in the shape and its aliases
+        diff = {i for i in range(len(row[0].split())) if len({r.split()[i] for r in row}) > 1}
+        assert len(diff) == 3, row
+
+
+def test_ar_alias_loss_false_leaves_the_aliases_out_of_the_mean(tmp_path):
+    cfg = tiny_cfg("--objective=ar", "--alias=2", "--alias_loss=false")
+    ds = data.Shapes(0, cfg.img_size, alias=2)
+    tok = data.Tokenizer.build(ds.vocab_captions())
+    imgs, caps = ds.batch(np.arange(8))
+    x = tok.batch(caps, cfg.max_len)
+    torch.manual_seed(0)
+    model = mdc.Model(cfg, len(tok)).eval()
+    u, r = mdc.draw_noise(cfg, len(x), 0)
+    full, n_full = mdc.ar_loss(model, imgs, x, u, r, cfg)
+    alias_ids = torch.tensor([tok.stoi[w] for w in data.ALIAS_WORDS if w in tok.stoi])
+    model.scored[alias_ids] = False
+    ctrl, n_ctrl = mdc.ar_loss(model, imgs, x, u, r, cfg)
+    logits = model(imgs, mdc.shift_right(x), x != PAD, causal=True)             # (B, L, V)
+    ce = -logits.log_softmax(-1).gather(-1, x[..., None])[..., 0]               # (B, L) independent of token_ce
+    keep = (x != PAD) & ~torch.isin(x, alias_ids)
+    assert int(n_full - n_ctrl) == int(torch.isin(x, alias_ids).sum()) > 0
+    assert torch.allclose(ctrl, ce[keep].mean(), atol=1e-5) and torch.allclose(full, ce[x != PAD].mean(), atol=1e-5)
+    # and train() switches them off from the flag
+    m, tok2, _ = mdc.train(dataclasses.replace(cfg, steps=1, out_dir=str(tmp_path)))
+    assert {tok2.itos[i] for i in (~m.scored).nonzero()[:, 0].tolist()} == {w for w in data.ALIAS_WORDS if w in tok2.stoi}
 
 
 def test_flickr_pairs_split_and_quoted_comma(tmp_path):
