@@ -1595,6 +1595,77 @@ def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_
     assert open(tmp_path / "vs.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_quick_probe_uses_one_set_of_probe_scenes_for_every_seed_and_averages_the_floor(monkeypatch):
+    import functools
+    monkeypatch.setattr(data, "shapes_probe", functools.partial(data.shapes_probe, n_train=300, n_test=100))
+    seeds, inits, real_dataset, real_random = [], [], data.probe_dataset, mdc.random_encoder
+    monkeypatch.setattr(data, "probe_dataset", lambda spec, split, size, root, seed: seeds.append(seed) or real_dataset(spec, split, size, root, seed))
+    monkeypatch.setattr(mdc, "random_encoder", lambda cfg, s, dev: inits.append(s) or real_random(cfg, s, dev))
+    out = {}
+    for seed in (3, 7):
+        cfg = tiny_cfg(f"--seed={seed}", "--probe=shapes")
+        torch.manual_seed(seed)
+        out[seed] = mdc.quick_probe(mdc.Model(cfg, 30).eval(), cfg)
+    assert set(seeds) == {mdc.PROBE_SEED} and inits == 2 * list(mdc.FLOOR_INITS)   # not the training seed
+    assert out[3]["random init"] == out[7]["random init"] and out[3]["pixels"] == out[7]["pixels"]
+    tr, te = (real_dataset("shapes", s, cfg.img_size, "data", mdc.PROBE_SEED) for s in ("train", "test"))
+    each = []
+    for s in mdc.FLOOR_INITS:
+        a, b = (mdc.extract(real_random(cfg, s, torch.device("cpu")).features, ds, cfg.img_size, torch.device("cpu")) for ds in (tr, te))
+        each.append(mdc.ridge_probe(*a, *b, tr.n_classes, log=lambda _: None)["ridge top1"])
+    assert abs(out[3]["random init"] - sum(each) / len(each)) < 1e-9
+
+
+def test_t_quantiles_match_the_known_values():
+    assert (probe.t975(1), probe.t975(2), probe.t975(4), probe.t975(9), probe.t975(30)) == (12.706, 4.303, 2.776, 2.262, 2.042)
+    assert abs(probe.t975(60) - 2.0003) < 0.002 and abs(probe.t975(120) - 1.9799) < 0.002   # past the table
+    assert math.isnan(probe.t975(0))
+
+
+def made_up_results():
+    """mdc and ar at alias 0 and 2, seeds 0-2 (ar at alias 2 also seed 3), two random floors: accuracies as fractions."""
+    acc = {("mdc", 0): [60, 70, 80], ("ar", 0): [50, 72, 74], ("mdc", 2): [70, 75, 90], ("ar", 2): [52, 70, 80, 99]}
+    base = mdc.asdict(tiny_cfg())
+    encs = [dict(name=f"{o}{a}{s}", kind="ckpt", objective=o, config={**base, "objective": o, "alias": a, "seed": s},
+                 metrics={"ridge top1": v / 100, "zero-shot": {probe.RULES[o][0]: v / 200}, "signal shape word": v / 10})
+            for (o, a), vs in acc.items() for s, v in enumerate(vs)]
+    encs += [dict(name=f"random:{s}", kind="random", init_seed=s, config=base, metrics={"ridge top1": v}) for s, v in ((0, 0.3), (1, 0.4))]
+    return [{"encoders": encs[:7]}, {"encoders": encs[7:]}]
+
+
+def by_hand(xs):
+    """(n, mean, sd, 95% half-width) written out: sd with n - 1, t from a printed table."""
+    n, m = len(xs), sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return n, m, sd, {2: 12.706, 3: 4.303, 4: 3.182}[n] * sd / math.sqrt(n)
+
+
+def test_summary_means_intervals_and_paired_contrasts_against_hand_computations(tmp_path, capsys):
+    res = made_up_results()
+    close = lambda got, want: all(abs(g - w) < 1e-9 for g, w in zip(got, want))
+    groups = probe.summarize(res, ["objective", "alias"], "ridge top1")
+    assert close(groups[("mdc", 0)][0], by_hand([60, 70, 80])) and close(groups[("ar", 2)][0], by_hand([52, 70, 80, 99]))
+    assert close(groups[("random", "-")][0], by_hand([30, 40]))                       # the floors: a group over init seeds
+    # fewer flags than the runs differ in: a seed's runs are averaged first (nats stay nats)
+    assert close(probe.summarize(res, ["objective"], "signal shape word")[("mdc",)][0], by_hand([6.5, 7.25, 8.5]))
+    # paired by seed: mdc - ar at alias 0 -> 10, -2, 6
+    d = probe.summarize(res, ["objective", "alias"], "ridge top1", [("objective", "mdc", "ar")])
+    assert close(d[(0,)][0], by_hand([10, -2, 6])) and d[(0,)][1] == {0: 10, 1: -2, 2: 6}
+    assert sorted(d[(2,)][1]) == [0, 1, 2]                                             # seed 3 has no mdc: not paired
+    # the interaction: (mdc2 - mdc0) - (ar2 - ar0) per seed -> 8, 7, 4
+    i = probe.summarize(res, ["objective", "alias"], "ridge top1", [("alias", "2", "0"), ("objective", "mdc", "ar")])
+    assert close(i[()][0], by_hand([8, 7, 4]))
+    z = probe.summarize(res, ["objective"], "zero-shot")                                # per-rule: the objective's rule
+    assert close(z[("ar",)][0], by_hand([25.5, 35.5, 38.5, 49.5]))
+    for k, r in enumerate(res):
+        probe.save_json(tmp_path / f"{k}.json", r)
+    probe.main(["--summary=objective,alias", "--diff=alias:2,0", "--diff=objective:mdc,ar", "--metrics=ridge top1",
+                f"--from_json={tmp_path / '0.json'}", f"--from_json={tmp_path / '1.json'}"])
+    out = capsys.readouterr().out
+    n, m, sd, h = by_hand([8, 7, 4])
+    assert f"| 3 | +{m:.1f} | {sd:.1f} | +{m:.1f} ± {h:.1f} [+{m - h:.1f}, +{m + h:.1f}] | yes |" in out, out
+
+
 def test_probe_cli_rejects_unknown_scoring_rules():
     with pytest.raises(data.UsageError, match="--mdc_rules"):
         probe.parse(["--ckpt=random", "--mdc_rules=elbo,pl"])
