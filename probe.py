@@ -637,7 +637,7 @@ def plot_signal(results, path):
 
 def sweep_points(results, field, metric):
     """The points of one metric of many runs (results dicts of earlier calls) against one config
-    field, e.g. tie. Returns (the other flags that differ between the runs, the seed aside;
+    field, e.g. tie, or against the training step of the checkpoints (field "step"). Returns (the other flags that differ between the runs, the seed aside;
     {their values: {field value: [metric over seeds]}}; {floor kind: metric}), accuracies in %."""
     encs = [e for r in results for e in r["encoders"]]
     runs = [e for e in encs if e["kind"] == "ckpt"]
@@ -650,7 +650,8 @@ def sweep_points(results, field, metric):
     for e in runs:
         if (v := value(e["metrics"].get(metric))) is not None:
             key = tuple(e["config"].get(k) for k in varying)
-            groups.setdefault(key, {}).setdefault(e["config"][field], []).append(scale * v)
+            x = e.get("step") if field == "step" else e["config"][field]   # step: checkpoints along one run (--keep_ckpts)
+            groups.setdefault(key, {}).setdefault(x, []).append(scale * v)
     floor_runs = {}
     for e in encs:
         if e["kind"] in ("random", "pixels") and (v := value(e["metrics"].get(metric))) is not None:
@@ -741,8 +742,8 @@ def run_rows(results, metric):
     rows = []
     for r in results:
         for e in r["encoders"]:
-            if e["kind"] == "ckpt":
-                flags, seed = e["config"], e["config"]["seed"]
+            if e["kind"] == "ckpt":   # the step of the checkpoint is a flag too (--keep_ckpts: a run along training)
+                flags, seed = {**e["config"], "step": e.get("step")}, e["config"]["seed"]
             else:
                 flags, seed = {"objective": e["kind"]}, e.get("init_seed", 0)
             if (v := metric_value(e["metrics"], metric, e.get("objective"))) is not None:
