@@ -121,7 +121,15 @@ COLOR_NAMES = list(COLORS)
 SIZES = ["small", "large"]
 TIE_SHAPE = list(range(len(COLORS)))  # --tie: the shape a colour implies: red circle, green square, blue triangle, ...
 RELATIONS = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}  # and its inverse
-WORD_KINDS = {"size": SIZES, "colour": COLOR_NAMES, "shape": SHAPES}  # per-word-kind signal (probe.py)
+# --alias=r: after its shape word, every caption names the shape again in r made-up words, a fixed
+# one-to-one function of the shape ("a small red circle blick dax"). They add nothing about the image
+# beyond the shape and the colour says nothing of them: a redundancy that lives in the text alone.
+ALIASES = {"circle": ("blick", "dax", "wug"), "square": ("fep", "toma", "zup"), "triangle": ("kiki", "lorp", "vex"),
+           "diamond": ("gorp", "mib", "yok"), "cross": ("nup", "sarn", "tiv"), "ring": ("hoon", "plab", "rux")}
+MAX_ALIAS = 3
+ALIAS_WORDS = {w for ws in ALIASES.values() for w in ws}
+WORD_KINDS = {"size": SIZES, "colour": COLOR_NAMES, "shape": SHAPES,   # per-word-kind signal (probe.py)
+              **{f"alias{j + 1}": [ALIASES[s][j] for s in SHAPES] for j in range(MAX_ALIAS)}}
 WORD_KIND = {**{w: kind for kind, words in WORD_KINDS.items() for w in words},   # word -> its kind; the other
              **{w: "relation" for rel in RELATIONS for w in rel.split()}}       # words ("a", [EOS]) are their own
 ORDERS = ("color_first", "shape_first")
@@ -207,14 +215,16 @@ def render(attrs, img_size=32, seed=0, idx=None):
     return torch.from_numpy(np.clip(img, 0, 1).astype(np.float32))
 
 
-def describe(attrs, i, order="color_first"):
+def describe(attrs, i, order="color_first", alias=0):
     """The caption of scene i: each object's size, colour and shape ("a small red circle", or with
     order="shape_first" "a small circle in red"), and for two objects where the first is relative to
-    the second, in one of two equivalent word orders ("A left of B" or "B right of A")."""
+    the second, in one of two equivalent word orders ("A left of B" or "B right of A"). alias=r puts
+    the shape's first r ALIASES right after the shape word ("a small red circle blick dax")."""
     u = attrs["u_text"][i]
 
     def noun(k):
         size, colour, shape = SIZES[attrs["size"][i, k]], COLOR_NAMES[attrs["color"][i, k]], SHAPES[attrs["shape"][i, k]]
+        shape = " ".join((shape, *ALIASES[shape][:alias]))
         return f"a {size} {colour} {shape}" if order == "color_first" else f"a {size} {shape} in {colour}"
 
     if attrs["n"][i] == 1:
@@ -229,15 +239,20 @@ def describe(attrs, i, order="color_first"):
     return f"{noun(1)} {RELATIONS[rel]} {noun(0)}"
 
 
+def longest_caption(order="color_first", alias=0):
+    """Words in the longest shapes caption: two noun phrases, each with its aliases, and "left of"."""
+    return 2 * (4 + (order == "shape_first") + alias) + 2
+
+
 class Shapes:
     """The built-in synthetic captioned dataset. Unlimited: index i is scene i.
     `batch(idx)` returns (images (B, 3, S, S) float in [0, 1], captions list of str).
-    tie and order: the text prior and the word order of the captions (see scene_attributes, describe)."""
+    tie, order and alias: the text prior, the word order and the shape's aliases (scene_attributes, describe)."""
     name = "shapes"
 
-    def __init__(self, seed=0, img_size=32, split="train", tie=0.0, order="color_first"):
+    def __init__(self, seed=0, img_size=32, split="train", tie=0.0, order="color_first", alias=0):
         # train and val draw from disjoint index ranges of the same generator
-        self.seed, self.img_size, self.tie, self.order = seed, img_size, tie, order
+        self.seed, self.img_size, self.tie, self.order, self.alias = seed, img_size, tie, order, alias
         self.offset = 0 if split == "train" else 1 << 40
 
     def __len__(self):
@@ -249,15 +264,15 @@ class Shapes:
     def batch(self, idx, epoch=0):  # epoch: unused, every index is a new scene
         attrs = self.attributes(idx)
         imgs = render(attrs, self.img_size, self.seed, np.asarray(idx, dtype=np.int64) + self.offset)
-        return imgs, [describe(attrs, i, self.order) for i in range(len(idx))]
+        return imgs, [describe(attrs, i, self.order, self.alias) for i in range(len(idx))]
 
     def vocab_captions(self, n=2000):
         """Enough captions to cover every word of the grammar, for Tokenizer.build."""
         attrs = scene_attributes(self.seed, np.arange(n), tie=self.tie)
-        return [describe(attrs, i, self.order) for i in range(n)]
+        return [describe(attrs, i, self.order, self.alias) for i in range(n)]
 
     def report(self):
-        return f"shapes: synthetic (tie {self.tie}, {self.order}), generated on the fly, nothing skipped"
+        return f"shapes: synthetic (tie {self.tie}, {self.order}, alias {self.alias}), generated on the fly, nothing skipped"
 
 
 PROBE_TASKS = {  # name -> (number of classes, label of a single-object scene)
@@ -660,7 +675,7 @@ CAPTION_KINDS_LIST = ("shapes", "coco", "flickr", "csv", "wds", "cache")
 
 
 def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col="image", caption_col="caption", val_frac=0.05,
-                       tie=0.0, order="color_first"):
+                       tie=0.0, order="color_first", alias=0):
     """spec 'shapes' or 'KIND:PATH' -> (train, val) caption datasets.
     A caption dataset has __len__ (samples in an epoch), batch(idx, epoch) ->
     (images (B, 3, S, S) float32 in [0, 1], list of B caption strings),
@@ -668,7 +683,7 @@ def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col=
     -> one line saying what was skipped (printed here, once)."""
     kind, _, path = spec.partition(":")
     if kind == "shapes":
-        return Shapes(seed, img_size, "train", tie, order), Shapes(seed, img_size, "val", tie, order)
+        return Shapes(seed, img_size, "train", tie, order, alias), Shapes(seed, img_size, "val", tie, order, alias)
     kw = dict(img_size=img_size, seed=seed, all_captions=all_captions)
     if kind in ("coco", "flickr", "csv", "wds") and not path:
         raise UsageError(f"--data={spec}: expected {kind}:PATH")

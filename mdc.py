@@ -74,6 +74,8 @@ class Config:
     hide_length: bool = False   # mdc, cappa: mask and attend over every position to max_len, [PAD] too (mdc predicts it)
     tie: float = 0.0            # shapes: probability that an object's shape is the one its colour implies (a text prior)
     order: str = "color_first"  # shapes: color_first ("a small red circle") | shape_first ("a small circle in red")
+    alias: int = 0              # shapes: r made-up words after each shape word, a fixed function of it (redundancy in the text alone)
+    alias_loss: bool = True     # ar with --alias: False leaves the alias words out of the loss (a control for their dilution)
     cappa_frac: float = 0.75    # cappa: fraction of examples with all tokens masked (parallel prediction)
     freeze_encoder: bool = False  # train the text side only, on the ViT at its random init (a text-prior floor)
     qk_norm: bool = False       # LayerNorm on queries and keys: bounds attention logits (stability)
@@ -129,6 +131,7 @@ CONTRASTIVE = {"clip": (1 / 0.07, None),    # a text encoder; the initial logit 
                "rils": (1 / 0.07, None)}
 MASKED_IMAGE = ("mae", "umd", "milan", "rils")  # a patch decoder: the encoder sees a subset of the patches
 TAUGHT, TEACHERS = ("milan",), ("clip", "siglip")  # objectives that learn from a frozen --teacher, and what it may be
+ALIAS_LOSS = ("ar",)                        # objectives whose loss --alias_loss=false can leave the alias words out of
 OBJECTIVES = CAPTIONERS + ("clip", "siglip") + MASKED_IMAGE
 
 
@@ -296,6 +299,8 @@ class Model(nn.Module):
         elif cfg.objective in CAPTIONERS:
             self.head = nn.Linear(cfg.width, vocab_size, bias=False)
         self.add_parts(cfg, teacher_cfg)
+        # the token ids that count in ar's loss (all; --alias_loss=false turns the aliases off, see train)
+        self.register_buffer("scored", torch.ones(vocab_size, dtype=torch.bool), persistent=False)
         # caption-length prior (counts of lengths incl. [EOS]); mdc generation draws L' from it
         self.register_buffer("len_hist", torch.ones(cfg.max_len + 1) if len_hist is None else len_hist.float())
         self.apply(self._init)
@@ -507,8 +512,9 @@ def ar_loss(model, imgs, x, noise, cfg):
     """Autoregressive captioning: input [BOS] + x[:-1], causal attention, CE on every real token."""
     real = x != PAD
     logits = model(imgs, shift_right(x), real, causal=True)
-    n = real.sum()
-    return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
+    scored = real & bare(model).scored[x]                 # (B, L) every real token, unless --alias_loss=false
+    n = scored.sum()
+    return (token_ce(logits, x) * scored).sum() / n + z_penalty(logits, real, cfg.z_loss), n
 
 
 def cappa_loss(model, imgs, x, noise, cfg):
@@ -860,7 +866,7 @@ def caption_data(cfg):
     """(train set, val set, tokenizer, the training captions): the tokenizer is built from them."""
     train, val = data.build_caption_data(cfg.data, img_size=cfg.img_size, seed=cfg.seed, all_captions=cfg.all_captions,
                                          image_col=cfg.image_col, caption_col=cfg.caption_col, val_frac=cfg.val_frac,
-                                         tie=cfg.tie, order=cfg.order)
+                                         tie=cfg.tie, order=cfg.order, alias=cfg.alias)
     caps = train.vocab_captions()
     return train, val, data.Tokenizer.build(caps, cfg.vocab_min_count), caps
 
@@ -950,6 +956,8 @@ def train(cfg, callback=None):
     if clip is not None:
         model.copy_teacher(clip)
     model.encoder.requires_grad_(not cfg.freeze_encoder)
+    if not cfg.alias_loss:  # the control: ar's loss over the real tokens but the aliases
+        model.scored[[tok.stoi[w] for w in data.ALIAS_WORDS if w in tok.stoi]] = False
     opt = make_optimizer(model, cfg, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     start = resume(ckpt, ckpt_path, model, opt, tok, master) if cfg.resume else 0
@@ -1276,6 +1284,13 @@ def check_config(c):
         ("mdc_weight", c.mdc_weight in ("elbo", "none"), "elbo or none"),
         ("sample_order", c.sample_order in ("confidence", "random"), "confidence or random"),
         ("order", c.order in data.ORDERS, " or ".join(data.ORDERS)), ("tie", 0 <= c.tie <= 1, "a probability, in [0, 1]"),
+        ("alias", 0 <= c.alias <= data.MAX_ALIAS and (c.alias == 0 or kind == "shapes"),
+         f"in 0..{data.MAX_ALIAS}, and 0 unless --data=shapes"),
+        ("alias", kind != "shapes" or c.alias == 0 or data.longest_caption(c.order, c.alias) < c.max_len,
+         f"small enough that the longest caption ({data.longest_caption(c.order, c.alias)} words and [EOS]) "
+         f"fits --max_len={c.max_len} (raise --max_len)"),
+        ("alias_loss", c.alias_loss or (c.objective in ALIAS_LOSS and c.alias > 0),
+         f"true unless {' or '.join(f'--objective={o}' for o in ALIAS_LOSS)} with --alias > 0"),
         ("device", c.device in ("auto", "cpu") or c.device.startswith("cuda"), "auto, cpu or cuda"),
         ("t_min", 0 < c.t_min <= 1, "in (0, 1]"),
         ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"),

@@ -26,6 +26,7 @@ Imports run one way: probe -> mdc -> data (mdc.py reaches quick_probe from its c
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -384,21 +385,28 @@ def ridge_accuracy(featurize, train, test, n_classes, img_size, device, batch_si
     return ridge_probe(*a, *b, n_classes, log=lambda s: None)["ridge top1"]
 
 
+PROBE_SEED = 0            # the probe's scenes and hold-out: the same for every training seed (probe.py --seed=0)
+FLOOR_INITS = (0, 1, 2)   # the random-init floor moves by points with the init seed: the mean over these
+
+
 def quick_probe(model, cfg):
     """Ridge probe on cfg.probe of the trained encoder, the same ViT at random initialisation
-    (seeded) and raw pixels, printed on one line; the closed-form fitter keeps it to seconds.
-    Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
+    (the mean over FLOOR_INITS) and raw pixels, printed on one line; the closed-form fitter keeps
+    it to seconds. The probe scenes do not depend on the training seed, so seeds differ only in
+    training. Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    tr, te = (data.probe_dataset(cfg.probe, s, cfg.img_size, cfg.data_root, cfg.seed) for s in ("train", "test"))
-    rand = random_encoder(cfg, cfg.seed + 1, device)
+    tr, te = (data.probe_dataset(cfg.probe, s, cfg.img_size, cfg.data_root, PROBE_SEED) for s in ("train", "test"))
     flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
-    out = {}
-    for name, fn in (("trained", model.encoder.features), ("random init", rand.features), ("pixels", flat)):
-        out[name] = ridge_accuracy(fn, tr, te, tr.n_classes, cfg.img_size, device)
+    encoders = [("trained", model.encoder.features), *(("random init", random_encoder(cfg, s, device).features) for s in FLOOR_INITS),
+                ("pixels", flat)]
+    accs = {}
+    for name, fn in encoders:
+        accs.setdefault(name, []).append(ridge_accuracy(fn, tr, te, tr.n_classes, cfg.img_size, device))
+    out = {k: float(np.mean(v)) for k, v in accs.items()}
     print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
-          f"L2 chosen on a 10% hold-out; {time.perf_counter() - t0:.0f} s; probe.py has more): "
-          + " | ".join(f"{k} {100 * v:.1f}%" for k, v in out.items()))
+          f"L2 chosen on a 10% hold-out; random init: the mean of {len(FLOOR_INITS)} inits; "
+          f"{time.perf_counter() - t0:.0f} s; probe.py has more): " + " | ".join(f"{k} {100 * v:.1f}%" for k, v in out.items()))
     return out
 
 
@@ -458,7 +466,7 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
 TEMPLATES = ["a photo of a {}."]
 
 
-def shapes_zeroshot(task, n, seed=0, order="color_first"):
+def shapes_zeroshot(task, n, seed=0, order="color_first", alias=0):
     """Candidates for the synthetic probe's test images (data.shapes_probe): each image's own
     caption, described again with only the class attribute changed (the shape, the colour, or
     both), one candidate per class, so candidates differ in the class words alone.
@@ -477,7 +485,7 @@ def shapes_zeroshot(task, n, seed=0, order="color_first"):
                 a["color"][0, 0] = c
             else:                                          # label = shape * n_colours + colour
                 a["shape"][0, 0], a["color"][0, 0] = divmod(c, len(data.COLORS))
-            row.append(data.describe(a, 0, order))
+            row.append(data.describe(a, 0, order, alias))
         cands.append(row)
     return cands, torch.from_numpy(label(attrs).astype(np.int64))
 
@@ -494,7 +502,7 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=No
     """Accuracy per scoring rule on (up to) n test images. None if the classes have no names."""
     kind, _, task = spec.partition(":")
     if kind == "shapes":
-        cands, labels = shapes_zeroshot(task or "shape", n, seed, cfg.order)
+        cands, labels = shapes_zeroshot(task or "shape", n, seed, cfg.order, cfg.alias)
         imgs = data.dataset_tensors(ds)[0][:n]
         assert torch.equal(labels, data.dataset_tensors(ds)[1][:n]), "data.shapes_probe changed; update shapes_zeroshot"
     else:
@@ -519,15 +527,20 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=No
 
 def noun_phrases(words):
     """(start, end, index of the colour word) of the synthetic grammar's noun phrases:
-    "a <size> <colour> <shape>" (color_first) or "a <size> <shape> in <colour>" (shape_first)."""
+    "a <size> <colour> <shape> <aliases>" (color_first) or "a <size> <shape> <aliases> in <colour>"
+    (shape_first); the shape's aliases (--alias) belong to its phrase."""
     out = []
     for j in range(len(words) - 3):
         if words[j] != "a":
             continue
-        if words[j + 2] in data.COLOR_NAMES:
-            out.append((j, j + 4, j + 2))
-        elif words[j + 3:j + 4] == ["in"] and words[j + 4:j + 5] and words[j + 4] in data.COLOR_NAMES:
-            out.append((j, j + 5, j + 4))
+        colour_first = words[j + 2] in data.COLOR_NAMES
+        k = j + 3 if colour_first else j + 2                    # the shape word, then past its aliases
+        while k + 1 < len(words) and words[k + 1] in data.ALIAS_WORDS:
+            k += 1
+        if colour_first:
+            out.append((j, k + 1, j + 2))
+        elif words[k + 1:k + 2] == ["in"] and words[k + 2:k + 3] and words[k + 2] in data.COLOR_NAMES:
+            out.append((j, k + 3, k + 2))
     return out
 
 
@@ -716,9 +729,12 @@ def caption_signal(model, cfg, tok, val, n, K=4, seed=0, batch_size=128):
 
 def signal_by_word_kind(diff, count, x, tok):
     """The same signal at the words of each kind of data.WORD_KINDS (shape, colour, size words):
-    {"signal shape word": nats or None, ...}; None where no caption has such a word."""
+    {"signal shape word": nats or None, ...}; None where no caption has such a word, and no key
+    for a kind the vocabulary does not have (the aliases of a model trained without --alias)."""
     out = {}
     for kind, words in data.WORD_KINDS.items():
+        if not any(w in tok.stoi for w in words):
+            continue
         at = torch.isin(x, torch.tensor([tok.stoi[w] for w in words if w in tok.stoi], dtype=x.dtype))  # (B, L)
         n = (count * at).sum()
         out[f"signal {kind} word"] = ((diff * at).sum() / n).item() if n > 0 else None
@@ -786,7 +802,7 @@ def plot_signal(results, path):
 
 def sweep_points(results, field, metric):
     """The points of one metric of many runs (results dicts of earlier calls) against one config
-    field, e.g. tie. Returns (the other flags that differ between the runs, the seed aside;
+    field, e.g. tie, or against the training step of the checkpoints (field "step"). Returns (the other flags that differ between the runs, the seed aside;
     {their values: {field value: [metric over seeds]}}; {floor kind: metric}), accuracies in %."""
     encs = [e for r in results for e in r["encoders"]]
     runs = [e for e in encs if e["kind"] == "ckpt"]
@@ -799,26 +815,45 @@ def sweep_points(results, field, metric):
     for e in runs:
         if (v := value(e["metrics"].get(metric))) is not None:
             key = tuple(e["config"].get(k) for k in varying)
-            groups.setdefault(key, {}).setdefault(e["config"][field], []).append(scale * v)
-    floors = {e["kind"]: scale * v for e in encs if e["kind"] in ("random", "pixels")
-              and (v := value(e["metrics"].get(metric))) is not None}
+            x = e.get("step") if field == "step" else e["config"][field]   # step: checkpoints along one run (--keep_ckpts)
+            groups.setdefault(key, {}).setdefault(x, []).append(scale * v)
+    floor_runs = {}
+    for e in encs:
+        if e["kind"] in ("random", "pixels") and (v := value(e["metrics"].get(metric))) is not None:
+            floor_runs.setdefault(e["kind"], []).append(scale * v)
+    floors = {k: float(np.mean(v)) for k, v in floor_runs.items()}   # a random floor: the mean over its init seeds
     return varying, groups, floors
+
+
+def objective_colour(objective):
+    """One colour per objective, the same in every panel and every figure."""
+    import matplotlib
+    return matplotlib.colormaps["tab10"](mdc.OBJECTIVES.index(objective) % 10) if objective in mdc.OBJECTIVES else "grey"
 
 
 def plot_vs(results, field, metrics, path):
     """One panel per metric against --field: a line per group of sweep_points (the mean over seeds,
-    with their range as error bars), the floors as dashed lines."""
+    with its 95% interval as error bars where there are 2 seeds or more, n beside each point),
+    one colour per objective, the floors (averaged over their init seeds) as dashed lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), dpi=110, squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         varying, groups, floors = sweep_points(results, field, metric)
+        styles = {}                                                   # other flags than the objective: a line style each
         for key, pts in sorted(groups.items(), key=str):
             xs = sorted(pts)
-            ys = np.array([np.mean(pts[x]) for x in xs])
-            err = np.array([[y - min(pts[x]), max(pts[x]) - y] for x, y in zip(xs, ys)]).T   # (2, n) the range
-            ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, label=", ".join(map(str, key)))
+            stats = [mean_ci(pts[x]) for x in xs]                     # (n, mean, sd, half-width) per point
+            ys = np.array([m for _, m, _, _ in stats])
+            err = np.array([0 if h != h else h for _, _, _, h in stats])
+            obj = dict(zip(varying, key)).get("objective", results[0]["encoders"][0].get("objective"))
+            rest = tuple(v for k, v in zip(varying, key) if k != "objective")
+            ls = styles.setdefault(rest, ("-", "--", ":", "-.")[len(styles) % 4])
+            ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, ls=ls, color=objective_colour(obj),
+                        label=", ".join(f"{k}={v}" for k, v in zip(varying, key)) or obj)
+            for x, y, (n, *_) in zip(xs, ys, stats):
+                ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
         for (kind, v), ls in zip(sorted(floors.items()), ("--", ":")):
             ax.axhline(v, color="k", ls=ls, lw=1, label=f"{kind} (floor)")
         ax.set(xlabel=f"--{field}", ylabel=metric + ("" if metric in RAW else " (%)"), title=metric)
@@ -826,6 +861,120 @@ def plot_vs(results, field, metrics, path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# Statistics over runs: one seed is a smoke test. n, mean, standard deviation and the 95% interval
+# (Student t) per group of runs, and the paired difference of two arms that share their seeds
+# (same initialisation, data order and noise), whose interval is the one that says whether they differ.
+
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df):
+    """The 97.5% quantile of Student's t with df degrees of freedom: a two-sided 95% interval is
+    mean +- t975(n - 1) * sd / sqrt(n). A table up to 30; above, z + (z^3 + z) / (4 df) (Cornish-Fisher)."""
+    if df < 1:
+        return float("nan")
+    z = 1.959964
+    return T975[df - 1] if df <= len(T975) else z + (z ** 3 + z) / (4 * df)
+
+
+def mean_ci(values):
+    """(n, mean, standard deviation, half-width of the 95% interval); sd and interval nan for n < 2."""
+    v = np.asarray(values, dtype=float)
+    n = len(v)
+    if n < 2:
+        return n, float(v.mean()) if n else float("nan"), float("nan"), float("nan")
+    sd = float(v.std(ddof=1))
+    return n, float(v.mean()), sd, t975(n - 1) * sd / math.sqrt(n)
+
+
+def metric_value(m, metric, objective=None):
+    """One metric of a metrics dict: accuracies in %, nats as they are; a per-rule metric (zero-shot,
+    swaps) at the objective's first rule. None where the run does not have it."""
+    v = m.get(metric)
+    if isinstance(v, dict):
+        v = v.get(RULES.get(objective, ("",))[0] if objective else "", next(iter(v.values()), None))
+    return None if v is None else v if metric in RAW else 100 * v
+
+
+def run_rows(results, metric):
+    """[(flags, seed, value)] of one metric over the encoders of many results dicts. A checkpoint's
+    flags are its config; a floor's are {"objective": "random"} or {"objective": "pixels"} with
+    its init seed (--ckpt=random:S), so the floors are groups of their own."""
+    rows = []
+    for r in results:
+        for e in r["encoders"]:
+            if e["kind"] == "ckpt":   # the step of the checkpoint is a flag too (--keep_ckpts: a run along training)
+                flags, seed = {**e["config"], "step": e.get("step")}, e["config"]["seed"]
+            else:
+                flags, seed = {"objective": e["kind"]}, e.get("init_seed", 0)
+            if (v := metric_value(e["metrics"], metric, e.get("objective"))) is not None:
+                rows.append((flags, seed, v))
+    return rows
+
+
+def same(value, text):
+    """A config value against a command-line string: 0.5 == '0.5', 'mdc' == 'mdc', True == 'true'."""
+    if isinstance(value, bool):
+        return text.lower() in (("true", "1") if value else ("false", "0"))
+    if isinstance(value, (int, float)):
+        try:
+            return float(text) == value
+        except ValueError:
+            return False
+    return str(value) == text
+
+
+def summarize(results, by, metric, diffs=()):
+    """Per group of the `by` flags: (n, mean, sd, 95% half-width) of metric over its seeds. With diffs
+    [(flag, a, b), ...]: the paired contrast instead, per group of the `by` flags that are not contrasted
+    and per seed that has every cell: A - B for one diff, (A1 - B1) - (A2 - B2) (the interaction) for two.
+    Returns {group tuple: (stats, {seed: value})}."""
+    rows = run_rows(results, metric)
+    key = lambda flags: tuple(flags.get(f, "-") for f in by if f not in [d[0] for d in diffs])
+    if not diffs:
+        cells = {}
+        for flags, seed, v in rows:
+            cells.setdefault(key(flags), {}).setdefault(seed, []).append(v)
+        return {k: (mean_ci([np.mean(v) for v in per_seed.values()]), {s: float(np.mean(v)) for s, v in per_seed.items()})
+                for k, per_seed in cells.items()}
+    contrast = {}
+    for flags, seed, v in rows:
+        signs = []
+        for f, a, b in diffs:
+            signs.append(1 if f in flags and same(flags[f], a) else -1 if f in flags and same(flags[f], b) else 0)
+        if 0 in signs:
+            continue
+        cell = tuple(signs)
+        contrast.setdefault(key(flags), {}).setdefault(seed, {})[cell] = float(np.prod(signs)) * v
+    out = {}
+    for k, per_seed in contrast.items():
+        full = {s: sum(c.values()) for s, c in per_seed.items() if len(c) == 2 ** len(diffs)}  # every cell present
+        if full:
+            out[k] = (mean_ci(list(full.values())), full)
+    return out
+
+
+def summary_table(results, by, metric, diffs=()):
+    """summarize() as a markdown table: group, n, mean, sd, the 95% interval, and each seed's value."""
+    res = summarize(results, by, metric, diffs)
+    cols = [f for f in by if f not in [d[0] for d in diffs]]
+    title = (f"{metric}, paired by seed: " + " x ".join(f"({f}={a}) - ({f}={b})" for f, a, b in diffs)) if diffs else metric
+    lines = [f"{title} (mean, sd and 95% interval over seeds, Student t)", "",
+             "| " + " | ".join(cols + ["n", "mean", "sd", "95% interval"] + (["interval excludes 0"] if diffs else [])
+                               + ["per seed"]) + " |",
+             "|" + "---|" * (len(cols) + 5 + bool(diffs))]
+    fmt = ("{:+.2f}" if metric in RAW else "{:+.1f}") if diffs else "{:.2f}" if metric in RAW else "{:.1f}"
+    for k, ((n, m, sd, h), per_seed) in sorted(res.items(), key=lambda kv: str(kv[0])):
+        ci = "-" if h != h else f"{fmt.format(m)} ± {h:.{2 if metric in RAW else 1}f} [{fmt.format(m - h)}, {fmt.format(m + h)}]"
+        seeds = ", ".join(f"{s}: {fmt.format(v)}" for s, v in sorted(per_seed.items()))
+        sd_txt = "-" if sd != sd else f"{sd:.{2 if metric in RAW else 1}f}"
+        verdict = ["-" if h != h else "yes" if abs(m) > h else "no: level"] if diffs else []
+        lines.append("| " + " | ".join([str(x) for x in k] + [str(n), fmt.format(m), sd_txt, ci] + verdict + [seeds]) + " |")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -837,8 +986,9 @@ def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
     keeps its decoder for scoring; 'random' copies the first checkpoint's config (else the preset)."""
     encs, ref = [], None
     for s in specs:
-        if s in ("random", "pixels"):
-            encs.append(dict(name=s, kind=s))
+        if s in ("random", "pixels") or re.fullmatch(r"random:\d+", s):   # random:S = the init of seed S
+            kind, _, init = s.partition(":")
+            encs.append(dict(name=s, kind=kind, init_seed=int(init) if init else seed))
             continue
         model, cfg, tok, ckpt = mdc.load_checkpoint(s, device)
         st = os.stat(s)
@@ -849,7 +999,7 @@ def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
         ref = mdc.parse_args([f"--model={preset}"] + ([f"--img_size={img_size}"] if img_size else []))
     for e in encs:
         if e["kind"] == "random":
-            e.update(cfg=ref, encoder=random_encoder(ref, seed, device), key=dict(random=asdict(ref), seed=seed))
+            e.update(cfg=ref, encoder=random_encoder(ref, e["init_seed"], device), key=dict(random=asdict(ref), seed=e["init_seed"]))
         elif e["kind"] == "pixels":
             e.update(cfg=ref)
     return encs
@@ -997,7 +1147,11 @@ def parse(argv):
     p.add_argument("--plot_vs", default=None, help="no probing: plot --metrics of the --from_json results against this "
                                                    "config field (e.g. tie) into --plot")
     p.add_argument("--from_json", action="append", default=[], help="a results file of an earlier --json; repeatable")
-    p.add_argument("--metrics", default="ridge top1", help="--plot_vs: comma-separated metric names, e.g. 'ridge top1,signal shape word'")
+    p.add_argument("--metrics", default="ridge top1", help="--plot_vs, --summary: comma-separated metric names, e.g. 'ridge top1,signal shape word'")
+    p.add_argument("--summary", default=None, help="no probing: n, mean, sd and 95%% interval of --metrics over the seeds of the "
+                                                   "--from_json runs, per group of these comma-separated flags (e.g. objective,t_min)")
+    p.add_argument("--diff", action="append", default=[], help="--summary: FLAG:A,B, the paired-by-seed difference (FLAG=A) - "
+                                                               "(FLAG=B) instead; twice: the interaction (a difference of differences)")
     p.add_argument("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
     a = p.parse_args(argv)
     a.classes = int(a.classes) if a.classes.isdigit() else a.classes
@@ -1009,8 +1163,17 @@ def parse(argv):
                      ("img_size", a.img_size >= 0), ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
         if not ok:
             p.error(f"--{name}={getattr(a, name)} is out of range")
-    if missing := [c for c in a.ckpt if c not in ("random", "pixels") and not os.path.isfile(c)]:
-        p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, or random / pixels)")
+    if missing := [c for c in a.ckpt if c != "pixels" and not re.fullmatch(r"random(:\d+)?", c) and not os.path.isfile(c)]:
+        p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, or random / random:SEED / pixels)")
+    a.diff = [(f, *ab.split(",", 1)) for f, _, ab in (d.partition(":") for d in a.diff)]
+    if any(len(d) != 3 for d in a.diff):
+        p.error("--diff expects FLAG:A,B, e.g. --diff=objective:mdc,ar")
+    if a.summary is not None:
+        if not a.from_json:
+            p.error("--summary needs --from_json=FILE (one or more)")
+        if missing := [f for f in a.from_json if not os.path.isfile(f)]:
+            p.error(f"--from_json={missing[0]}: no such file")
+        return a
     if a.plot_vs:
         if not (a.from_json and a.plot):
             p.error("--plot_vs needs --from_json=FILE (one or more) and --plot=FILE.png")
@@ -1030,6 +1193,11 @@ def main(argv):
     device = mdc.pick_device(args.device)
     if args.bench:
         return bench(device=device)
+    if args.summary is not None:
+        results = [load_json(f) for f in args.from_json]
+        tables = [summary_table(results, [f for f in args.summary.split(",") if f], m, args.diff) for m in args.metrics.split(",")]
+        print("\n\n".join(tables))
+        return tables
     if args.plot_vs:
         plot_vs([load_json(f) for f in args.from_json], args.plot_vs, args.metrics.split(","), args.plot)
         return print(f"wrote {args.plot}")
@@ -1064,10 +1232,10 @@ def main(argv):
                 m["zero-shot"] = zs
             if do_comp or do_ret or do_sig or args.logits:
                 tie = cfg.tie if args.caption_tie is None else args.caption_tie   # shapes: the model's own world by default
-                key = (captions, cfg.img_size, tie, cfg.order)
+                key = (captions, cfg.img_size, tie, cfg.order, cfg.alias)
                 if key not in caption_sets:
                     caption_sets[key] = data.build_caption_data(captions, img_size=cfg.img_size, seed=args.seed,
-                                                                tie=tie, order=cfg.order)[1]
+                                                                tie=tie, order=cfg.order, alias=cfg.alias)[1]
                 val, m["caption tie"] = caption_sets[key], tie
                 cap_synth = captions == "shapes"
                 if do_comp:
@@ -1084,7 +1252,7 @@ def main(argv):
                     m.update(caption_signal(model, cfg, tok, val, args.n_eval, args.K, args.seed, args.batch_size))
         log(f"done in {time.perf_counter() - t0:.0f} s")
         results["encoders"].append(dict(name=e["name"], kind=e["kind"], objective=cfg.objective if e["kind"] == "ckpt" else None,
-                                        step=e.get("step"), config=asdict(cfg), metrics=m))
+                                        step=e.get("step"), init_seed=e.get("init_seed"), config=asdict(cfg), metrics=m))
     parts = [f"zero-shot on {args.n_eval} images"] if do_zs else []
     parts += [f"compositionality on {args.n_eval} {captions} val captions"] if do_comp else []
     parts += [f"retrieval on {args.n_retrieval} {captions} val pairs"] if do_ret else []

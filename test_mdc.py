@@ -432,7 +432,7 @@ def test_checkpoints_of_earlier_versions_load(tmp_path, objective):
 
 def test_the_objective_registry_is_whole_and_nothing_else_compares_names():
     assert list(mdc.LOSSES) == list(mdc.OBJECTIVES) and set(probe.RULES) == set(mdc.OBJECTIVES)
-    groups = (mdc.CAPTIONERS, mdc.CAUSAL, mdc.CONTRASTIVE, mdc.MASKED_IMAGE, mdc.TAUGHT, mdc.TEACHERS)
+    groups = (mdc.CAPTIONERS, mdc.CAUSAL, mdc.CONTRASTIVE, mdc.MASKED_IMAGE, mdc.TAUGHT, mdc.TEACHERS, mdc.ALIAS_LOSS)
     assert all(set(g) <= set(mdc.OBJECTIVES) for g in groups) and set(mdc.CAUSAL) <= set(mdc.CAPTIONERS)
     for obj in mdc.OBJECTIVES:   # the parts each family needs, and only those
         cfg = tiny_cfg(f"--objective={obj}", *(["--teacher=" + __file__] if obj in mdc.TAUGHT else []))
@@ -441,12 +441,20 @@ def test_the_objective_registry_is_whole_and_nothing_else_compares_names():
         assert hasattr(m, "head") == (obj in mdc.CAPTIONERS) and hasattr(m, "txt_proj") == (obj in mdc.CONTRASTIVE)
         assert hasattr(m, "decoder") == (obj in mdc.MASKED_IMAGE) and hasattr(m, "teacher") == (obj in mdc.TAUGHT)
         assert hasattr(m, "logit_bias") == (obj in mdc.CONTRASTIVE and mdc.CONTRASTIVE[obj][1] is not None)
-    # an objective's name is compared only in the registry (and its loss's own body)
-    names = "|".join(mdc.OBJECTIVES)
-    pattern = re.compile(rf"""(==|!=|\bin|\bnot in)\s*\(?\s*["']({names})["']""")
+    # an objective's name is compared only in the registry (and its loss's own body): no ==, != or
+    # `in` against a string literal that names an objective, anywhere in mdc.py and probe.py
+    import ast
     for f in ("mdc.py", "probe.py"):
-        hits = [line for line in open(os.path.join(HERE, f)) if pattern.search(line)]
-        assert not hits, (f, hits)
+        tree = ast.parse(open(os.path.join(HERE, f)).read())
+        hits = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name in {fn.__name__ for fn in mdc.LOSSES.values()}:
+                continue
+            if isinstance(node, ast.Compare):
+                consts = [c for side in node.comparators for c in ast.walk(side) if isinstance(c, ast.Constant)]
+                if any(c.value in mdc.OBJECTIVES for c in consts):
+                    hits.append(f"{f}:{node.lineno}")
+        assert not hits, hits
 
 @pytest.mark.parametrize("objective", ["mdc", "mae"])  # mae: the patch masks come from draw_noise too
 def test_resume_equals_uninterrupted_training(tmp_path, objective):
@@ -586,6 +594,9 @@ MDC_MISTAKES = [
     (["--resume", "--steps=4", "--max_len=12", "--out_dir={run}"], "--max_len=16, this run has --max_len=12"),
     (["--resume", "--steps=4", "--objective=ar", "--out_dir={run}"], "--objective='mdc', this run has --objective='ar'"),
     (["--resume", "--steps=2", "--out_dir={run}"], "already at step 2 of --steps=2"),
+    (["--alias=3"], "fits --max_len=16"), (["--alias=2", "--order=shape_first"], "16 words and [EOS]"),
+    (["--alias=4", "--max_len=32"], "in 0..3"), (["--alias=1", "--data=csv:/x.csv"], "0 unless --data=shapes"),
+    (["--alias_loss=false", "--alias=2"], "--objective=ar"), (["--alias_loss=false", "--objective=ar"], "--alias > 0"),
 ]
 
 
@@ -1039,6 +1050,75 @@ def test_shape_first_changes_the_word_order_and_nothing_else():
             size, colour, shape = wx[np_x[0] + 1:np_x[1]]
             assert wy[np_y[0]:np_y[1]] == ["a", size, shape, "in", colour]
     assert any(len(x.split()) > 5 for x in ca)                   # two-object captions were among them
+
+
+@pytest.mark.parametrize("order", data.ORDERS)
+def test_alias_words_follow_their_shape_and_nothing_else_changes(order):
+    plain = data.Shapes(seed=2, order=order)
+    imgs0, caps0 = plain.batch(np.arange(400))
+    shape_at = {"color_first": 3, "shape_first": 2}[order]     # the shape word's place in its noun phrase
+    for r in (0, 1, 2):
+        imgs, caps = data.Shapes(seed=2, order=order, alias=r).batch(np.arange(400))
+        assert torch.equal(imgs, imgs0)                           # the images do not change
+        for c, c0 in zip(caps, caps0):
+            w = c.split()
+            assert [x for x in w if x not in data.ALIAS_WORDS] == c0.split()   # take the aliases out: r = 0's caption
+            assert sum(x in data.ALIAS_WORDS for x in w) == r * len(probe.noun_phrases(w))
+            for a, _, _ in probe.noun_phrases(w):                 # right after each shape word, its own r aliases
+                shape = w[a + shape_at]
+                assert w[a + shape_at + 1:a + shape_at + 1 + r] == list(data.ALIASES[shape][:r]), c
+        if r == 0:
+            assert caps == caps0
+    # the longest caption (two objects, "left of"/"right of") is what longest_caption says, and fits max_len
+    for r in (0, 2):
+        caps = data.Shapes(seed=2, order=order, alias=r).vocab_captions(3000)
+        longest = max(len(c.split()) for c in caps)
+        assert longest == data.longest_caption(order, r)
+    assert data.longest_caption("color_first", 2) + 1 <= mdc.Config.max_len  # [EOS] included
+
+
+def test_alias_vocabulary_is_one_to_one_with_the_shapes():
+    words = [w for s in data.SHAPES for w in data.ALIASES[s]]
+    assert len(set(words)) == len(words) == len(data.SHAPES) * data.MAX_ALIAS   # no alias names two shapes
+    assert not set(words) & {w for c in data.Shapes(seed=0).vocab_captions(500) for w in c.split()}  # nor a grammar word
+    for r in (0, 2):
+        tok = data.Tokenizer.build(data.Shapes(seed=0, alias=r).vocab_captions())
+        assert {w for w in data.ALIAS_WORDS if w in tok.stoi} == {data.ALIASES[s][j] for s in data.SHAPES for j in range(r)}
+
+
+def test_attribute_and_relation_swaps_keep_the_aliases_with_their_shape():
+    c = "a small red circle blick dax above a large blue square fep toma"
+    assert probe.swap_relation(c) == "a large blue square fep toma above a small red circle blick dax"
+    assert probe.swap_attributes(c) == "a small blue circle blick dax above a large red square fep toma"
+    c = "a small circle blick in red left of a large square fep in blue"
+    assert probe.swap_relation(c) == "a large square fep in blue left of a small circle blick in red"
+    cands, _ = probe.shapes_zeroshot("shape", 20, alias=2)
+    for row in cands:                                             # candidates differ in the shape and its aliases
+        diff = {i for i in range(len(row[0].split())) if len({r.split()[i] for r in row}) > 1}
+        assert len(diff) == 3, row
+
+
+def test_ar_alias_loss_false_leaves_the_aliases_out_of_the_mean(tmp_path):
+    cfg = tiny_cfg("--objective=ar", "--alias=2", "--alias_loss=false")
+    ds = data.Shapes(0, cfg.img_size, alias=2)
+    tok = data.Tokenizer.build(ds.vocab_captions())
+    imgs, caps = ds.batch(np.arange(8))
+    x = tok.batch(caps, cfg.max_len)
+    torch.manual_seed(0)
+    model = mdc.Model(cfg, len(tok)).eval()
+    noise = mdc.draw_noise(cfg, len(x), 0)
+    full, n_full = mdc.ar_loss(model, imgs, x, noise, cfg)
+    alias_ids = torch.tensor([tok.stoi[w] for w in data.ALIAS_WORDS if w in tok.stoi])
+    model.scored[alias_ids] = False
+    ctrl, n_ctrl = mdc.ar_loss(model, imgs, x, noise, cfg)
+    logits = model(imgs, mdc.shift_right(x), x != PAD, causal=True)             # (B, L, V)
+    ce = -logits.log_softmax(-1).gather(-1, x[..., None])[..., 0]               # (B, L) independent of token_ce
+    keep = (x != PAD) & ~torch.isin(x, alias_ids)
+    assert int(n_full - n_ctrl) == int(torch.isin(x, alias_ids).sum()) > 0
+    assert torch.allclose(ctrl, ce[keep].mean(), atol=1e-5) and torch.allclose(full, ce[x != PAD].mean(), atol=1e-5)
+    # and train() switches them off from the flag
+    m, tok2, _ = mdc.train(dataclasses.replace(cfg, steps=1, out_dir=str(tmp_path)))
+    assert {tok2.itos[i] for i in (~m.scored).nonzero()[:, 0].tolist()} == {w for w in data.ALIAS_WORDS if w in tok2.stoi}
 
 
 def test_flickr_pairs_split_and_quoted_comma(tmp_path):
@@ -1727,6 +1807,77 @@ def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_
     probe.main(["--plot_vs=tie", f"--from_json={tmp_path / '0.json'}", f"--from_json={tmp_path / '1.json'}",
                 "--metrics=ridge top1,signal shape word", f"--plot={tmp_path / 'vs.png'}"])
     assert open(tmp_path / "vs.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_probe_uses_one_set_of_probe_scenes_for_every_seed_and_averages_the_floor(monkeypatch):
+    import functools
+    monkeypatch.setattr(data, "shapes_probe", functools.partial(data.shapes_probe, n_train=300, n_test=100))
+    seeds, inits, real_dataset, real_random = [], [], data.probe_dataset, probe.random_encoder
+    monkeypatch.setattr(data, "probe_dataset", lambda spec, split, size, root, seed: seeds.append(seed) or real_dataset(spec, split, size, root, seed))
+    monkeypatch.setattr(probe, "random_encoder", lambda cfg, s, dev: inits.append(s) or real_random(cfg, s, dev))
+    out = {}
+    for seed in (3, 7):
+        cfg = tiny_cfg(f"--seed={seed}", "--probe=shapes")
+        torch.manual_seed(seed)
+        out[seed] = probe.quick_probe(mdc.Model(cfg, 30).eval(), cfg)
+    assert set(seeds) == {probe.PROBE_SEED} and inits == 2 * list(probe.FLOOR_INITS)   # not the training seed
+    assert out[3]["random init"] == out[7]["random init"] and out[3]["pixels"] == out[7]["pixels"]
+    tr, te = (real_dataset("shapes", s, cfg.img_size, "data", probe.PROBE_SEED) for s in ("train", "test"))
+    each = []
+    for s in probe.FLOOR_INITS:
+        a, b = (probe.extract(real_random(cfg, s, torch.device("cpu")).features, ds, cfg.img_size, torch.device("cpu")) for ds in (tr, te))
+        each.append(probe.ridge_probe(*a, *b, tr.n_classes, log=lambda _: None)["ridge top1"])
+    assert abs(out[3]["random init"] - sum(each) / len(each)) < 1e-9
+
+
+def test_t_quantiles_match_the_known_values():
+    assert (probe.t975(1), probe.t975(2), probe.t975(4), probe.t975(9), probe.t975(30)) == (12.706, 4.303, 2.776, 2.262, 2.042)
+    assert abs(probe.t975(60) - 2.0003) < 0.002 and abs(probe.t975(120) - 1.9799) < 0.002   # past the table
+    assert math.isnan(probe.t975(0))
+
+
+def made_up_results():
+    """mdc and ar at alias 0 and 2, seeds 0-2 (ar at alias 2 also seed 3), two random floors: accuracies as fractions."""
+    acc = {("mdc", 0): [60, 70, 80], ("ar", 0): [50, 72, 74], ("mdc", 2): [70, 75, 90], ("ar", 2): [52, 70, 80, 99]}
+    base = mdc.asdict(tiny_cfg())
+    encs = [dict(name=f"{o}{a}{s}", kind="ckpt", objective=o, config={**base, "objective": o, "alias": a, "seed": s},
+                 metrics={"ridge top1": v / 100, "zero-shot": {probe.RULES[o][0]: v / 200}, "signal shape word": v / 10})
+            for (o, a), vs in acc.items() for s, v in enumerate(vs)]
+    encs += [dict(name=f"random:{s}", kind="random", init_seed=s, config=base, metrics={"ridge top1": v}) for s, v in ((0, 0.3), (1, 0.4))]
+    return [{"encoders": encs[:7]}, {"encoders": encs[7:]}]
+
+
+def by_hand(xs):
+    """(n, mean, sd, 95% half-width) written out: sd with n - 1, t from a printed table."""
+    n, m = len(xs), sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return n, m, sd, {2: 12.706, 3: 4.303, 4: 3.182}[n] * sd / math.sqrt(n)
+
+
+def test_summary_means_intervals_and_paired_contrasts_against_hand_computations(tmp_path, capsys):
+    res = made_up_results()
+    close = lambda got, want: all(abs(g - w) < 1e-9 for g, w in zip(got, want))
+    groups = probe.summarize(res, ["objective", "alias"], "ridge top1")
+    assert close(groups[("mdc", 0)][0], by_hand([60, 70, 80])) and close(groups[("ar", 2)][0], by_hand([52, 70, 80, 99]))
+    assert close(groups[("random", "-")][0], by_hand([30, 40]))                       # the floors: a group over init seeds
+    # fewer flags than the runs differ in: a seed's runs are averaged first (nats stay nats)
+    assert close(probe.summarize(res, ["objective"], "signal shape word")[("mdc",)][0], by_hand([6.5, 7.25, 8.5]))
+    # paired by seed: mdc - ar at alias 0 -> 10, -2, 6
+    d = probe.summarize(res, ["objective", "alias"], "ridge top1", [("objective", "mdc", "ar")])
+    assert close(d[(0,)][0], by_hand([10, -2, 6])) and d[(0,)][1] == {0: 10, 1: -2, 2: 6}
+    assert sorted(d[(2,)][1]) == [0, 1, 2]                                             # seed 3 has no mdc: not paired
+    # the interaction: (mdc2 - mdc0) - (ar2 - ar0) per seed -> 8, 7, 4
+    i = probe.summarize(res, ["objective", "alias"], "ridge top1", [("alias", "2", "0"), ("objective", "mdc", "ar")])
+    assert close(i[()][0], by_hand([8, 7, 4]))
+    z = probe.summarize(res, ["objective"], "zero-shot")                                # per-rule: the objective's rule
+    assert close(z[("ar",)][0], by_hand([25.5, 35.5, 38.5, 49.5]))
+    for k, r in enumerate(res):
+        probe.save_json(tmp_path / f"{k}.json", r)
+    probe.main(["--summary=objective,alias", "--diff=alias:2,0", "--diff=objective:mdc,ar", "--metrics=ridge top1",
+                f"--from_json={tmp_path / '0.json'}", f"--from_json={tmp_path / '1.json'}"])
+    out = capsys.readouterr().out
+    n, m, sd, h = by_hand([8, 7, 4])
+    assert f"| 3 | +{m:.1f} | {sd:.1f} | +{m:.1f} ± {h:.1f} [+{m - h:.1f}, +{m + h:.1f}] | yes |" in out, out
 
 
 def test_probe_cli_rejects_unknown_scoring_rules():
