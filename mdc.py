@@ -101,7 +101,8 @@ class Config:
     stop_after: int = 0         # end this run after so many steps (checkpointed); --resume goes on
     # speed
     device: str = "auto"        # auto | cpu | cuda
-    compile: bool = False       # torch.compile the model (CUDA)
+    compile: bool = False       # torch.compile the model (CUDA; on a CPU inductor needs a C++ compiler)
+    dtype: str = "auto"         # auto (bf16 autocast on CUDA, fp32 on a CPU) | fp32 | bf16 (autocast, on a CPU too)
     bench: bool = False         # time training steps and report images/s and MFU, then exit
     bench_steps: int = 10       # timed steps of --bench
 
@@ -114,12 +115,13 @@ PRESETS = {  # DiT-style named sizes
                  batch_size=256, lr=1e-3, steps=20000, max_len=32, mim_width=512, mim_depth=8),  # decoder: MAE's
 }
 OBJECTIVES = ("mdc", "ar", "cappa", "clip", "siglip", "mae", "umd", "milan", "rils")
+DTYPES = ("auto", "fp32", "bf16")
 
 
 UsageError = data.UsageError  # a mistake at the command line: one line, exit status 2 (data.command_line)
 # the flags a --resume may change: how long and how the run goes on, not what it trains
 RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval_every", "ckpt_every", "keep_ckpts", "log_every",
-             "sample_steps", "sample_order", "probe", "data_root", "out_dir", "num_workers", "device", "compile", "bench", "bench_steps")
+             "sample_steps", "sample_order", "probe", "data_root", "out_dir", "num_workers", "device", "compile", "dtype", "bench", "bench_steps")
 
 
 def config_help():
@@ -174,6 +176,7 @@ def check_config(c):
         ("sample_order", c.sample_order in ("confidence", "random"), "confidence or random"),
         ("order", c.order in data.ORDERS, " or ".join(data.ORDERS)), ("tie", 0 <= c.tie <= 1, "a probability, in [0, 1]"),
         ("device", c.device in ("auto", "cpu") or c.device.startswith("cuda"), "auto, cpu or cuda"),
+        ("dtype", c.dtype in DTYPES, " or ".join(DTYPES)),
         ("t_min", 0 < c.t_min <= 1, "in (0, 1]"),
         ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"),
         ("val_frac", 0 <= c.val_frac < 1, "in [0, 1)"),
@@ -847,19 +850,27 @@ def caption_logprob(model, v, x, objective, method="elbo", K=8, generator=None, 
 # (probe.py has the full evaluation; these pieces are shared with it)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; a no-op on a CPU, which runs in fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def precision(device, dtype="auto"):
+    """--dtype resolved: 'auto' is bf16 on CUDA, fp32 on a CPU."""
+    return ("bf16" if device.type == "cuda" else "fp32") if dtype == "auto" else dtype
+
+
+def autocast(device, dtype="auto"):
+    """bf16 autocast where precision(device, dtype) is bf16 (on a CPU too); else a no-op, fp32. The
+    parameters stay fp32 either way: autocast runs matmuls and attention in bf16, losses in fp32."""
+    if precision(device, dtype) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 @torch.no_grad()
-def extract(featurize, ds, size, device, batch_size=256, desc="features"):
-    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset, with a
-    progress bar. Returns (features float32 (N, D) on the CPU, labels int64 (N,))."""
+def extract(featurize, ds, size, device, batch_size=256, desc="features", dtype="auto"):
+    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset under
+    autocast(device, dtype), with a progress bar. Returns (features float32 (N, D) on the CPU, labels int64 (N,))."""
     imgs, labels = data.dataset_tensors(ds)
     out = []
     for i in tqdm(range(0, len(imgs), batch_size), desc=desc, leave=False, disable=len(imgs) < 4 * batch_size or None):
-        with autocast(device):
+        with autocast(device, dtype):
             out.append(featurize(data.to_input(imgs[i:i + batch_size], size).to(device)).float().cpu())
     return torch.cat(out), labels.long()
 
@@ -953,7 +964,7 @@ def quick_probe(model, cfg):
     flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
     out = {}
     for name, fn in (("trained", model.encoder.features), ("random init", rand.features), ("pixels", flat)):
-        a, b = (extract(fn, ds, cfg.img_size, device) for ds in (tr, te))
+        a, b = (extract(fn, ds, cfg.img_size, device, dtype=cfg.dtype) for ds in (tr, te))
         out[name] = ridge_probe(*a, *b, tr.n_classes, log=lambda s: None)["ridge top1"]
     print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
           f"L2 chosen on a 10% hold-out; {time.perf_counter() - t0:.0f} s; probe.py has more): "
@@ -1089,7 +1100,7 @@ def evaluate(model, cfg, val, tok, n_batches=4):
         imgs, caps = val.batch(np.arange(i * cfg.batch_size, min((i + 1) * cfg.batch_size, len(val))))
         x = tok.batch(caps, cfg.max_len).to(device)
         u, r = draw_noise(cfg, len(x), i, salt=999)
-        with autocast(device):
+        with autocast(device, cfg.dtype):
             losses.append(LOSSES[cfg.objective](model, imgs.to(device), x, u.to(device), r.to(device), cfg)[0].item())
     model.train()
     return sum(losses) / len(losses)
@@ -1114,7 +1125,7 @@ def train_step(model, opt, imgs, x, step, cfg, rank=0, world=1):
     u, r = (a[rank * b:(rank + 1) * b].to(x.device) for a in (u, r))      # this rank's rows
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
-    with autocast(x.device):
+    with autocast(x.device, cfg.dtype):
         loss, n = LOSSES[cfg.objective](model, imgs, x, u, r, cfg)
     scaled = loss
     if world > 1:  # DDP averages gradients; rescale so the result is normalised by the global count

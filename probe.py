@@ -29,7 +29,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -278,14 +278,14 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
     B, C = len(cands), len(cands[0])
     out = torch.empty(B, C)
     for i in range(0, B, batch_size):
-        with mdc.autocast(device):
+        with mdc.autocast(device, cfg.dtype):
             v = model.encoder(data.to_input(imgs[i:i + batch_size], cfg.img_size).to(device))  # (b, N, D), once per image
         b = len(v)
         x = tok.batch([c for cs in cands[i:i + b] for c in cs], cfg.max_len).view(b, C, -1)  # (b, C, L)
         x = x[..., :int((x != PAD).sum(-1).max())].to(device)  # trailing all-pad columns change no score
         for c in range(C):
             xc = x[:, c]                                         # (b, L)
-            with mdc.autocast(device):
+            with mdc.autocast(device, cfg.dtype):
                 if rule == "cos":
                     img, txt = model.embed(v, xc, xc != PAD)
                     s = (img.float() * txt.float()).sum(-1)
@@ -716,9 +716,10 @@ def probe_features(enc, split, args, device, datasets):
         x, y = data.dataset_tensors(ds())
         x, y = data.to_input(x, size).flatten(1), y.long()     # (N, 3 * S * S)
     else:
-        key = cache_key(encoder=enc["key"], **ds_args)
+        dtype = mdc.precision(device, enc["cfg"].dtype)       # the checkpoint's own, or --dtype
+        key = cache_key(encoder=enc["key"], **ds_args, dtype=dtype)
         x, y = cached_features(key, lambda: extract(enc["encoder"].features, ds(), size, device, args.batch_size,
-                                                    f"{enc['name']} {split}"), args.cache_dir)
+                                                    f"{enc['name']} {split}", dtype=dtype), args.cache_dir)
     return x, y, ds
 
 
@@ -835,6 +836,9 @@ def parse(argv):
     p.add_argument("--cache_dir", default=".cache/features")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, choices=mdc.DTYPES,
+                   help="precision of feature extraction and scoring (default: each checkpoint's own --dtype; auto = bf16 "
+                        "autocast on CUDA, fp32 on a CPU)")
     p.add_argument("--json", default=None, help="write the results and each checkpoint's config here")
     p.add_argument("--plot_vs", default=None, help="no probing: plot --metrics of the --from_json results against this "
                                                    "config field (e.g. tie) into --plot")
@@ -885,6 +889,8 @@ def main(argv):
     do_sig = on(args.signal, synthetic or args.captions is not None)
     captions = args.captions or "shapes"
     encs = load_encoders(args.ckpt, args.model, args.img_size, args.seed, device)
+    for e in encs:  # --dtype: every encoder in this precision; by default each checkpoint's own (--dtype of mdc.py)
+        e["cfg"] = replace(e["cfg"], dtype=args.dtype or e["cfg"].dtype)
     if not any(e["kind"] == "ckpt" and RULES[e["cfg"].objective] for e in encs):  # no encoder here scores captions
         do_zs = do_comp = do_ret = do_sig = False
     datasets, caption_sets, results = {}, {}, {"command": command, "machine": machine(), "device": str(device),

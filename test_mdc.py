@@ -340,19 +340,26 @@ def test_resume_equals_uninterrupted_training(tmp_path, objective):
     assert not torch.allclose(half["encoder.patch.weight"], pb["encoder.patch.weight"])  # it did train on
 
 
+def succeeded(run, log):
+    """A finished subprocess exited 0; if not, the message holds its whole stderr, also kept in the file
+    log: a child that dies under load (once: SIGABRT in a DDP worker) may explain itself only at length."""
+    log.write_text(run.stderr)
+    assert run.returncode == 0, f"exit status {run.returncode}; stderr in full (kept in {log}):\n{run.stderr}\nstdout:\n{run.stdout}"
+
+
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     flags = TINY + ["--steps=3", "--device=cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a child killed by a signal prints its stack
     one = subprocess.run([sys.executable, "mdc.py", *flags, f"--out_dir={tmp_path / 'one'}"], cwd=HERE,
                          capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    succeeded(one, tmp_path / "one.stderr")
     with socket.socket() as s:  # a free port: another test run on this machine may hold a fixed one
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           "mdc.py", *flags, f"--out_dir={tmp_path / 'two'}"], cwd=HERE,
                          capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    succeeded(two, tmp_path / "two.stderr")
     assert "max parameter difference across ranks 0" in two.stdout, two.stdout[-2000:]
     p1, p2 = params(tmp_path / "one" / "ckpt.pt"), params(tmp_path / "two" / "ckpt.pt")
     for k in p1:
@@ -435,6 +442,80 @@ def test_qk_norm_bounds_the_attention_logits():
     assert min(peaks["--qk_norm=false"].values()) > 3 * hd ** 0.5, peaks
 
 
+# -----------------------------------------------------------------------------
+# the GPU's code paths, run on a CPU: bf16 autocast and torch.compile
+
+
+def short_run(cfg, steps=4, n=8):
+    """`steps` training steps of cfg from a seeded init on shapes batches of n: the losses and gradient norms."""
+    torch.manual_seed(0)
+    ds = data.Shapes(0, cfg.img_size)
+    tok = data.Tokenizer.build(ds.vocab_captions(2000))
+    model = mdc.Model(cfg, len(tok))
+    opt = mdc.make_optimizer(model, cfg, torch.device("cpu"))
+    out = []
+    for step in range(steps):
+        imgs, caps = ds.batch(np.arange(step * n, (step + 1) * n))
+        out.append([t.item() for t in mdc.train_step(model, opt, imgs, tok.batch(caps, cfg.max_len), step, cfg)])
+    return np.array(out)                                                    # (steps, 2): loss, gradient norm
+
+
+needs_cpu_bf16 = pytest.mark.skipif(not torch.amp.is_autocast_available("cpu"), reason="no bf16 autocast on this CPU build")
+
+
+@needs_cpu_bf16
+@pytest.mark.parametrize("objective", [o for o in mdc.OBJECTIVES if o != "milan"])   # milan: needs a teacher run
+def test_bf16_autocast_trains_on_a_cpu_close_to_fp32(objective):
+    """--dtype=bf16 on a CPU: four steps from the same init and batches as --dtype=fp32. bf16 keeps 8
+    significant bits (a rounding error of up to 2^-9 = 0.2% each time); the losses are means over many
+    terms and measured 0.4% apart at most here, so 2% is a margin, not a blind spot: a loss computed in
+    bf16 itself, or a wrong cast, is off by more. rils weights its KL term by an argmax, which a rounding
+    may flip: its losses only have to be finite."""
+    fp32, bf16 = (short_run(tiny_cfg(f"--objective={objective}", f"--dtype={d}", "--mim_width=32")) for d in ("fp32", "bf16"))
+    assert np.isfinite(bf16).all(), bf16
+    assert not np.array_equal(fp32, bf16)                                   # autocast did change the arithmetic
+    if objective != "rils":
+        assert np.allclose(bf16[:, 0], fp32[:, 0], rtol=0.02, atol=0), (fp32[:, 0], bf16[:, 0])
+
+
+@needs_cpu_bf16
+def test_bf16_feature_extraction_on_a_cpu_is_close_to_fp32():
+    cfg = tiny_cfg("--dtype=bf16")
+    enc = mdc.random_encoder(cfg, 0, torch.device("cpu"))
+    ds = torch.utils.data.TensorDataset(data.Shapes(0, cfg.img_size).batch(np.arange(64))[0], torch.arange(64) % 4)
+    (a, ya), (b, yb) = (mdc.extract(enc.features, ds, cfg.img_size, torch.device("cpu"), 16, dtype=d) for d in ("fp32", cfg.dtype))
+    assert b.dtype == torch.float32 and torch.equal(ya, yb) and not torch.equal(a, b)
+    # features after a LayerNorm and a mean: each row within a few bf16 roundings of fp32's
+    assert ((a - b).norm(dim=1) / a.norm(dim=1)).max() < 0.02
+    assert mdc.precision(torch.device("cpu")) == "fp32" and mdc.precision(torch.device("cuda")) == "bf16"   # auto
+
+
+def test_compile_on_a_cpu_gives_the_eager_losses(tmp_path):
+    """--compile on a CPU (inductor, C++ kernels): two training steps as in eager mode, in one graph with
+    no break. Both fp32; inductor fuses and reorders the sums, so they agree to rounding, 1e-4 relative
+    with a wide margin; a wrong kernel is off by far more. The first run on a machine compiles about 20
+    kernels (a minute on the shared 2-core machine); later runs read them from inductor's cache."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile does not support this Python")
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - whatever stops inductor finding a compiler
+        pytest.skip(f"no C++ compiler for inductor here ({type(e).__name__}: {e})")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    rows = {}
+    for flags in ([], ["--compile"]):
+        rows[bool(flags)] = []
+        run_train(tmp_path / str(len(flags)), "--steps=2", "--batch_size=8", "--device=cpu", *flags, callback=rows[bool(flags)].append)
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+    for eager, compiled in zip(rows[False], rows[True], strict=True):
+        for k in ("loss", "grad_norm_max"):
+            assert math.isclose(eager[k], compiled[k], rel_tol=1e-4), (k, eager[k], compiled[k])
+
+
 def test_presets_and_explicit_flags_and_help(capsys):
     cfg = mdc.parse_args(["--model=small", "--img_size=64", "--qk_norm"])
     assert cfg.width == 384 and cfg.img_size == 64 and cfg.qk_norm is True
@@ -463,7 +544,7 @@ MDC_MISTAKES = [
     (["--resume", "--out_dir={tmp}"], "no checkpoint at"), (["--resume", "--out_dir={junk}"], "is not a checkpoint"),
     (["--resume", "--steps=4", "--max_len=12", "--out_dir={run}"], "--max_len=16, this run has --max_len=12"),
     (["--resume", "--steps=4", "--objective=ar", "--out_dir={run}"], "--objective='mdc', this run has --objective='ar'"),
-    (["--resume", "--steps=2", "--out_dir={run}"], "already at step 2 of --steps=2"),
+    (["--resume", "--steps=2", "--out_dir={run}"], "already at step 2 of --steps=2"), (["--dtype=fp16"], "--dtype='fp16'"),
 ]
 
 
@@ -491,7 +572,8 @@ def test_a_command_line_mistake_is_one_line_and_status_2(argv, names, tmp_path, 
 
 PROBE_MISTAKES = [(["--ckpt=/missing.pt"], "--ckpt=/missing.pt"), (["--ckpt=random", "--K=0"], "--K=0"),
                   (["--ckpt={junk}"], "is not a checkpoint"), (["--ckpt=random", "--dataset=imagefolder:/nope"], "/nope/train"),
-                  (["--ckpt=random", "--dataset=mnist"], "'mnist'"), (["--bogus"], "--bogus"), ([], "--ckpt")]
+                  (["--ckpt=random", "--dataset=mnist"], "'mnist'"), (["--bogus"], "--bogus"), ([], "--ckpt"),
+                  (["--ckpt=random", "--dtype=fp16"], "'fp16'")]
 
 
 @pytest.mark.parametrize("argv, names", PROBE_MISTAKES, ids=[" ".join(a) for a, _ in PROBE_MISTAKES])
