@@ -864,15 +864,20 @@ def autocast(device, dtype="auto"):
 
 
 @torch.no_grad()
-def extract(featurize, ds, size, device, batch_size=256, desc="features", dtype="auto"):
-    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset under
-    autocast(device, dtype), with a progress bar. Returns (features float32 (N, D) on the CPU, labels int64 (N,))."""
-    imgs, labels = data.dataset_tensors(ds)
-    out = []
-    for i in tqdm(range(0, len(imgs), batch_size), desc=desc, leave=False, disable=len(imgs) < 4 * batch_size or None):
+def extract(featurize, ds, size, device, batch_size=256, desc="features", num_workers=0, dtype="auto"):
+    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset batch by batch
+    (data.probe_batches: an ImageFolder is decoded by num_workers DataLoader workers as it goes, never
+    all at once), under autocast(device, dtype), with a progress bar. Returns (features float32 (N, D)
+    on the CPU, labels int64 (N,))."""
+    out, labels = [], []
+    bar = tqdm(total=len(ds), desc=desc, leave=False, disable=len(ds) < 4 * batch_size or None)
+    for imgs, y in data.probe_batches(ds, batch_size, num_workers):
         with autocast(device, dtype):
-            out.append(featurize(data.to_input(imgs[i:i + batch_size], size).to(device)).float().cpu())
-    return torch.cat(out), labels.long()
+            out.append(featurize(data.to_input(imgs.to(device), size)).float().cpu())
+        labels.append(y)
+        bar.update(len(y))
+    bar.close()
+    return torch.cat(out), torch.cat(labels).long()
 
 
 def standardize(xtr, *others):
@@ -964,7 +969,7 @@ def quick_probe(model, cfg):
     flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
     out = {}
     for name, fn in (("trained", model.encoder.features), ("random init", rand.features), ("pixels", flat)):
-        a, b = (extract(fn, ds, cfg.img_size, device, dtype=cfg.dtype) for ds in (tr, te))
+        a, b = (extract(fn, ds, cfg.img_size, device, num_workers=cfg.num_workers, dtype=cfg.dtype) for ds in (tr, te))
         out[name] = ridge_probe(*a, *b, tr.n_classes, log=lambda s: None)["ridge top1"]
     print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
           f"L2 chosen on a 10% hold-out; {time.perf_counter() - t0:.0f} s; probe.py has more): "

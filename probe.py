@@ -3,12 +3,15 @@ Judging a pre-trained image encoder once its decoder is thrown away.
 
     python probe.py --ckpt=out/mdc.pt --dataset=cifar10
     python probe.py --ckpt=out/mdc.pt --ckpt=out/ar.pt --ckpt=out/clip.pt --ckpt=random --ckpt=pixels
-    python probe.py --ckpt=out/mdc.pt --dataset=imagenet:/data/imagenet --classes=100
+    python probe.py --ckpt=out/mdc.pt --dataset=imagenet:data/imagenet --classes=imagenet100
 
 Every call prints one table, rows = encoders, columns = metrics; `random` (the same ViT at
 random initialisation) and `pixels` (raw pixels) are the floors every table should carry.
 - Linear probe on frozen features (mean of the final tokens after the final LayerNorm),
-  extracted once and cached on disk: closed-form ridge regression (big_vision's fast few-shot
+  extracted once and cached on disk (an ImageFolder is decoded batch by batch in --num_workers
+  DataLoader workers and only the features are kept; at 224 px and above each image goes through the
+  standard evaluation transform, short side resized to 256 and a centre crop of 224; smaller sizes
+  take the whole short side): closed-form ridge regression (big_vision's fast few-shot
   probe, `mdc.ridge_probe`, which `python mdc.py` also runs) and L2-regularised multinomial logistic regression fitted by L-BFGS, strength chosen
   on a stratified 10% hold-out and refitted on all of the training set (CLIP's protocol).
 - Zero-shot classification, ARO-style compositionality and image-text retrieval, all by
@@ -347,9 +350,8 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=No
         names = class_names(ds)
         if names is None:
             return None
-        imgs, labels = data.dataset_tensors(ds)
-        pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]  # a seeded subset
-        imgs, labels = imgs[pick], labels[pick]
+        pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]  # a seeded subset
+        imgs, labels = data.dataset_tensors(ds, pick)     # an ImageFolder: only these are decoded
         cands = [[t.format(c) for c in names for t in TEMPLATES]] * len(labels)
     out = {}
     for rule in rules or RULES[cfg.objective]:
@@ -712,14 +714,15 @@ def probe_features(enc, split, args, device, datasets):
             datasets[k] = data.probe_dataset(**ds_args)
         return datasets[k]
 
-    if enc["kind"] == "pixels":
-        x, y = data.dataset_tensors(ds())
-        x, y = data.to_input(x, size).flatten(1), y.long()     # (N, 3 * S * S)
+    read = dict(batch_size=args.batch_size, desc=f"{enc['name']} {split}", num_workers=args.num_workers)
+    if enc["kind"] == "pixels":  # (N, 3 * S * S), read batch by batch like the features, not cached
+        x, y = extract(lambda imgs: imgs.flatten(1), ds(), size, torch.device("cpu"), **read)
     else:
+        # an ImageFolder at 224 px and above is read through the evaluation transform (data.eval_resize)
         dtype = mdc.precision(device, enc["cfg"].dtype)       # the checkpoint's own, or --dtype
-        key = cache_key(encoder=enc["key"], **ds_args, dtype=dtype)
-        x, y = cached_features(key, lambda: extract(enc["encoder"].features, ds(), size, device, args.batch_size,
-                                                    f"{enc['name']} {split}", dtype=dtype), args.cache_dir)
+        key = cache_key(encoder=enc["key"], **ds_args, resize=data.eval_resize(size), dtype=dtype)
+        x, y = cached_features(key, lambda: extract(enc["encoder"].features, ds(), size, device, dtype=dtype, **read),
+                               args.cache_dir)
     return x, y, ds
 
 
@@ -806,9 +809,11 @@ def bench(n=50_000, d=384, c=100, device="cpu"):
 def parse(argv):
     p = data.ArgumentParser(prog="probe.py", description="linear probe, zero-shot, compositionality and retrieval of encoders")
     p.add_argument("--ckpt", action="append", default=[], help="checkpoint path, or 'random' / 'pixels'; repeatable")
-    p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK], cifar10, cifar100, imagefolder:ROOT, imagenet:ROOT")
+    p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK], cifar10, cifar100, imagefolder:ROOT, "
+                   "imagenet:ROOT (read batch by batch; at 224 px and above short side to 256, centre crop 224)")
     p.add_argument("--data_root", default="data")
-    p.add_argument("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded subset) or a file of wnids")
+    p.add_argument("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded subset), imagenet100 "
+                   "(CMC's 100 classes), or a file of wnids")
     p.add_argument("--per_class", type=int, default=0, help="cap on training images per class (0 = all)")
     p.add_argument("--captions", default=None, help="caption dataset for compositionality and retrieval (default shapes)")
     p.add_argument("--caption_tie", type=float, default=None,
@@ -839,6 +844,8 @@ def parse(argv):
     p.add_argument("--dtype", default=None, choices=mdc.DTYPES,
                    help="precision of feature extraction and scoring (default: each checkpoint's own --dtype; auto = bf16 "
                         "autocast on CUDA, fp32 on a CPU)")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="imagefolder/imagenet: DataLoader workers that decode the images (0 = in this process)")
     p.add_argument("--json", default=None, help="write the results and each checkpoint's config here")
     p.add_argument("--plot_vs", default=None, help="no probing: plot --metrics of the --from_json results against this "
                                                    "config field (e.g. tie) into --plot")
@@ -851,7 +858,7 @@ def parse(argv):
     if bad:
         p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(RULES['mdc'])}")
     for name, ok in (("K", a.K >= 1), ("n_eval", a.n_eval >= 1), ("n_retrieval", a.n_retrieval >= 2),
-                     ("batch_size", a.batch_size >= 1), ("per_class", a.per_class >= 0), ("pixel_size", a.pixel_size >= 1),
+                     ("batch_size", a.batch_size >= 1), ("num_workers", a.num_workers >= 0), ("per_class", a.per_class >= 0), ("pixel_size", a.pixel_size >= 1),
                      ("img_size", a.img_size >= 0), ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
         if not ok:
             p.error(f"--{name}={getattr(a, name)} is out of range")

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -573,12 +574,12 @@ def test_a_command_line_mistake_is_one_line_and_status_2(argv, names, tmp_path, 
 PROBE_MISTAKES = [(["--ckpt=/missing.pt"], "--ckpt=/missing.pt"), (["--ckpt=random", "--K=0"], "--K=0"),
                   (["--ckpt={junk}"], "is not a checkpoint"), (["--ckpt=random", "--dataset=imagefolder:/nope"], "/nope/train"),
                   (["--ckpt=random", "--dataset=mnist"], "'mnist'"), (["--bogus"], "--bogus"), ([], "--ckpt"),
-                  (["--ckpt=random", "--dtype=fp16"], "'fp16'")]
+                  (["--ckpt=random", "--num_workers=-1"], "--num_workers=-1"), (["--ckpt=random", "--dtype=fp16"], "'fp16'")]
 
 
 @pytest.mark.parametrize("argv, names", PROBE_MISTAKES, ids=[" ".join(a) for a, _ in PROBE_MISTAKES])
 def test_a_probe_command_line_mistake_is_one_line_and_status_2(argv, names, tmp_path, capsys):
-    argv = [a.format(junk=write_junk(tmp_path / "junk.pt")) for a in argv]
+    argv = [a.format(junk=write_junk(tmp_path / "junk.pt"), tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as e:
         data.command_line(probe.main, argv, "probe.py")
     err = capsys.readouterr().err.strip()
@@ -1159,6 +1160,73 @@ def test_imagefolder_probe_classes_and_cap(tmp_path):
     assert sub[0].classes == sub[1].classes and len(sub[0].classes) == 3 and len(sub[0]) == 12
     for x, y in sub[1]:  # labels index the same class list in both splits
         assert color_of(x) == COLORS[int(sub[1].classes[y][-1])]
+
+
+def jpeg_tree(root, n_per_class=8, classes=("a", "b", "c")):
+    """ROOT/train/<class>/*.jpg: noise photos in a few shapes (portrait, landscape, square), under 512 px
+    so that PIL's JPEG draft decodes them at full scale; and one corrupt file in class b."""
+    rng = np.random.default_rng(0)
+    sizes = [(300, 260), (260, 330), (256, 256), (341, 299)]
+    for c in classes:
+        os.makedirs(f"{root}/train/{c}")
+        for k in range(n_per_class):
+            w, h = sizes[k % len(sizes)]
+            small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)    # smooth enough to matter under a crop
+            Image.fromarray(small).resize((w, h), Image.BILINEAR).save(f"{root}/train/{c}/{k}.jpg", quality=90)
+    (root / "train" / "b" / "3b.jpg").write_bytes(b"not a jpeg")
+    return sorted(str(p) for p in (root / "train").glob("*/*.jpg"))
+
+
+@pytest.mark.parametrize("size", [224, 16])
+def test_a_streamed_imagefolder_gives_the_features_of_the_images_decoded_in_memory(size, tmp_path, capsys):
+    """probe_batches (DataLoader workers, batch by batch) against the old way: every image decoded into one
+    array first, then the features. At 224 px the decode is torchvision's evaluation transform (Resize(256)
+    bicubic, CenterCrop(224)), an independent implementation; below 224 PIL's ImageOps.fit, as before."""
+    from PIL import ImageOps
+    import torchvision.transforms as T
+    files = [f for f in jpeg_tree(tmp_path) if not f.endswith("3b.jpg")]            # sorted: class, then name
+    labels = torch.tensor(["abc".index(f.split(os.sep)[-2]) for f in files])
+    if size == 224:
+        tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+        decode = lambda f: np.asarray(tf(Image.open(f).convert("RGB")))
+    else:
+        def decode(f):
+            im = Image.open(f)
+            im.draft("RGB", (size, size))
+            return np.asarray(ImageOps.fit(im.convert("RGB"), (size, size), Image.BICUBIC))
+    old = torch.from_numpy(np.stack([decode(f) for f in files])).permute(0, 3, 1, 2)   # (N, 3, S, S) uint8
+    ds = data.probe_dataset(f"imagefolder:{tmp_path}", "train", img_size=size)
+    assert isinstance(ds, data.FolderImages) and len(ds) == len(files) + 1           # nothing decoded yet
+    cfg = mdc.parse_args([f"--img_size={size}", f"--patch_size={min(size, 32) // 2}", "--width=32", "--enc_depth=1", "--heads=2"])
+    enc = mdc.random_encoder(cfg, 0, torch.device("cpu"))
+    x, y = mdc.extract(enc.features, ds, size, torch.device("cpu"), batch_size=5, num_workers=2)
+    assert "skipped 1 of 25 images: could not decode" in capsys.readouterr().err
+    ref, yref = mdc.extract(enc.features, data.ImageLabels(old, labels, 3, "old"), size, torch.device("cpu"), batch_size=64)
+    assert torch.equal(y, labels) and torch.equal(yref, labels)                      # same order, corrupt file's label gone
+    assert torch.allclose(x, ref, atol=1e-5), (x - ref).abs().max()
+    imgs, _ = data.dataset_tensors(ds, torch.arange(10))                             # the pixels themselves, first 10 files
+    assert torch.equal(imgs, old[:10])
+
+
+def test_imagenet100_is_cmcs_100_classes_and_restricts_a_tree(tmp_path):
+    wnids = data.CLASS_LISTS["imagenet100"]
+    assert len(wnids) == len(set(wnids)) == 100 and all(re.fullmatch(r"n\d{8}", w) for w in wnids)
+    # CMC's imagenet100.txt (github.com/HobbitLong/CMC): its first two and last lines, in its order
+    assert wnids[:2] == ["n02869837", "n01749939"] and wnids[-1] == "n02090622"
+    others = ["n01440764", "n01443537"]                                  # ImageNet-1k classes outside the subset
+    for split in ("train", "val"):
+        for i, w in enumerate(wnids + others):
+            png(f"{tmp_path}/{split}/{w}/0.png", (i, 0, 0), size=(4, 4))   # the red channel names the folder
+    ds = data.probe_dataset(f"imagenet:{tmp_path}", "val", img_size=4, classes="imagenet100")
+    assert ds.classes == sorted(wnids) and ds.n_classes == 100 and len(ds) == 100
+    for x, y in ds:
+        assert (wnids + others)[color_of(x)[0]] == ds.classes[y]
+    few = tmp_path / "few"
+    for w in wnids[:3] + others:
+        png(f"{few}/train/{w}/0.png", (0, 0, 0))
+        png(f"{few}/val/{w}/0.png", (0, 0, 0))
+    with pytest.raises(data.UsageError, match="--classes=imagenet100: 97 classes not in"):
+        data.probe_dataset(f"imagenet:{few}", "train", classes="imagenet100")
 
 
 def test_cifar_offline_message(tmp_path, monkeypatch):
