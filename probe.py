@@ -4,6 +4,7 @@ Judging a pre-trained image encoder once its decoder is thrown away.
     python probe.py --ckpt=out/mdc.pt --dataset=cifar10
     python probe.py --ckpt=out/mdc.pt --ckpt=out/ar.pt --ckpt=out/clip.pt --ckpt=random --ckpt=pixels
     python probe.py --ckpt=out/mdc.pt --dataset=imagenet:data/imagenet --classes=imagenet100
+    python probe.py --ckpt=out/mdc.pt --export_timm=out/mdc_timm.pt      # the encoder as a timm ViT
 
 Every call prints one table, rows = encoders, columns = metrics; `random` (the same ViT at
 random initialisation) and `pixels` (raw pixels) are the floors every table should carry.
@@ -28,6 +29,7 @@ Speed: `python probe.py --bench` times the L-BFGS sweep on 50,000 x 384 features
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -727,6 +729,63 @@ def probe_features(enc, split, args, device, datasets):
 
 
 # -----------------------------------------------------------------------------
+# The encoder as a timm VisionTransformer (pip install timm; the project itself does not need it)
+
+TIMM_LN_EPS = 1e-6  # timm's LayerNorm default (timm/layers/norm.py), which every norm_layer given by name gets
+
+
+def timm_export(enc, cfg):
+    """The ViT `enc` as the contents of a file for timm: {model_name, kwargs, state_dict, mean, std}, with
+    timm.create_model(model_name, pretrained=False, **kwargs).load_state_dict(state_dict) (strict) a
+    VisionTransformer whose forward_head(forward_features((images - mean) / std), pre_logits=True) is
+    enc.features(images) for images in [0, 1]: no class token, this ViT's fixed sin-cos positions as its
+    pos_embed, the final norm on the tokens before the mean (fc_norm=False). kwargs are plain values.
+    One difference needs the weights changed: timm's LayerNorm has eps 1e-6, this ViT's 1e-5. LayerNorm is
+    unchanged by scaling its input except through eps, LN_eps(x) = LN_{c^2 eps}(c x), so with c =
+    sqrt(1e-6 / 1e-5) the residual stream is carried scaled by c (patch embedding, positions and every
+    branch's output projection times c) and, with qk_norm, so are the queries and keys: every LayerNorm
+    then gives what it gives here."""
+    eps = enc.ln.eps
+    c = math.sqrt(TIMM_LN_EPS / eps)
+    D = cfg.width
+    t = lambda x, scale=1.0: (x.detach().float().cpu() * scale).contiguous()
+    sd = {"patch_embed.proj.weight": t(enc.patch.weight, c), "patch_embed.proj.bias": t(enc.patch.bias, c),
+          "pos_embed": t(enc.pos, c),                                          # (1, N, D), row-major as the patches
+          "norm.weight": t(enc.ln.weight), "norm.bias": t(enc.ln.bias)}
+    for i, blk in enumerate(enc.blocks):
+        p = f"blocks.{i}."
+        qk = torch.ones(3 * D, 1)                                            # rows of q, k, v in the fused qkv
+        if cfg.qk_norm:
+            qk[:2 * D] = c                                                   # q_norm(c q) at c^2 eps = q_norm(q)
+            for n in ("q_norm", "k_norm"):
+                sd[p + f"attn.{n}.weight"], sd[p + f"attn.{n}.bias"] = t(getattr(blk.attn, n).weight), t(getattr(blk.attn, n).bias)
+        sd.update({p + "norm1.weight": t(blk.ln1.weight), p + "norm1.bias": t(blk.ln1.bias),
+                   p + "attn.qkv.weight": t(blk.attn.qkv.weight * qk), p + "attn.qkv.bias": t(blk.attn.qkv.bias * qk[:, 0]),
+                   p + "attn.proj.weight": t(blk.attn.proj.weight, c), p + "attn.proj.bias": t(blk.attn.proj.bias, c),
+                   p + "norm2.weight": t(blk.ln2.weight), p + "norm2.bias": t(blk.ln2.bias),
+                   p + "mlp.fc1.weight": t(blk.mlp[0].weight), p + "mlp.fc1.bias": t(blk.mlp[0].bias),
+                   p + "mlp.fc2.weight": t(blk.mlp[2].weight, c), p + "mlp.fc2.bias": t(blk.mlp[2].bias, c)})
+    mean, std = t(enc.mean).view(3, 1, 1), t(enc.std).view(3, 1, 1)
+    # the name only selects timm's VisionTransformer; every size comes from kwargs
+    name = {768: "vit_base_patch16_224"}.get(D, "vit_small_patch16_224")
+    kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.enc_depth, num_heads=cfg.heads,
+                  mlp_ratio=cfg.mlp_ratio, qkv_bias=True, qk_norm=cfg.qk_norm, class_token=False, global_pool="avg",
+                  fc_norm=False, num_classes=0,
+                  # what timm.data.resolve_model_data_config reads: this ViT's input size, normalisation, crop
+                  pretrained_cfg_overlay=dict(input_size=(3, cfg.img_size, cfg.img_size), mean=tuple(round(v, 6) for v in mean.flatten().tolist()),
+                                              std=tuple(round(v, 6) for v in std.flatten().tolist()), interpolation="bicubic",
+                                              crop_pct=cfg.img_size / data.eval_resize(cfg.img_size)))
+    return dict(model_name=name, kwargs=kwargs, state_dict=sd, mean=mean, std=std, mdc_config=asdict(cfg))
+
+
+def export_timm(ckpt, path):
+    """--export_timm: write timm_export of a checkpoint's encoder to path (torch.save, loads with weights_only)."""
+    model, cfg, _, meta = mdc.load_checkpoint(ckpt)
+    torch.save({**timm_export(model.encoder, cfg), "step": meta.get("step")}, path)
+    print(f"wrote {path}: the encoder of {ckpt} (step {meta.get('step')}) for timm.create_model; README.md says how to load it")
+
+
+# -----------------------------------------------------------------------------
 # Table and JSON
 
 
@@ -852,6 +911,8 @@ def parse(argv):
     p.add_argument("--from_json", action="append", default=[], help="a results file of an earlier --json; repeatable")
     p.add_argument("--metrics", default="ridge top1", help="--plot_vs: comma-separated metric names, e.g. 'ridge top1,signal shape word'")
     p.add_argument("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
+    p.add_argument("--export_timm", default=None, metavar="PATH", help="no probing: write the --ckpt's encoder as a file for "
+                   "timm (model_name, kwargs, state_dict, mean, std; README.md says how to load it)")
     a = p.parse_args(argv)
     a.classes = int(a.classes) if a.classes.isdigit() else a.classes
     bad = [r for r in a.mdc_rules.split(",") if r not in RULES["mdc"]]
@@ -864,6 +925,13 @@ def parse(argv):
             p.error(f"--{name}={getattr(a, name)} is out of range")
     if missing := [c for c in a.ckpt if c not in ("random", "pixels") and not os.path.isfile(c)]:
         p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, or random / pixels)")
+    if a.export_timm:
+        if len(a.ckpt) != 1 or a.ckpt[0] in ("random", "pixels"):
+            p.error("--export_timm=PATH needs exactly one --ckpt=CHECKPOINT (a file written by mdc.py)")
+        folder = os.path.dirname(os.path.abspath(a.export_timm))
+        if os.path.isdir(a.export_timm) or not os.path.isdir(folder):
+            p.error(f"--export_timm={a.export_timm}: not a file path in an existing folder")
+        return a
     if a.plot_vs:
         if not (a.from_json and a.plot):
             p.error("--plot_vs needs --from_json=FILE (one or more) and --plot=FILE.png")
@@ -883,6 +951,8 @@ def main(argv):
     device = mdc.pick_device(args.device)
     if args.bench:
         return bench(device=device)
+    if args.export_timm:
+        return export_timm(args.ckpt[0], args.export_timm)
     if args.plot_vs:
         plot_vs([load_json(f) for f in args.from_json], args.plot_vs, args.metrics.split(","), args.plot)
         return print(f"wrote {args.plot}")

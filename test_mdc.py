@@ -574,7 +574,10 @@ def test_a_command_line_mistake_is_one_line_and_status_2(argv, names, tmp_path, 
 PROBE_MISTAKES = [(["--ckpt=/missing.pt"], "--ckpt=/missing.pt"), (["--ckpt=random", "--K=0"], "--K=0"),
                   (["--ckpt={junk}"], "is not a checkpoint"), (["--ckpt=random", "--dataset=imagefolder:/nope"], "/nope/train"),
                   (["--ckpt=random", "--dataset=mnist"], "'mnist'"), (["--bogus"], "--bogus"), ([], "--ckpt"),
-                  (["--ckpt=random", "--num_workers=-1"], "--num_workers=-1"), (["--ckpt=random", "--dtype=fp16"], "'fp16'")]
+                  (["--ckpt=random", "--num_workers=-1"], "--num_workers=-1"), (["--ckpt=random", "--dtype=fp16"], "'fp16'"),
+                  (["--ckpt={junk}", "--export_timm={tmp}/vit.pt"], "is not a checkpoint"),
+                  (["--ckpt={junk}", "--export_timm={tmp}/no/such/folder/vit.pt"], "/no/such/folder/vit.pt"),
+                  (["--ckpt=random", "--export_timm={tmp}/vit.pt"], "needs exactly one --ckpt=CHECKPOINT")]
 
 
 @pytest.mark.parametrize("argv, names", PROBE_MISTAKES, ids=[" ".join(a) for a, _ in PROBE_MISTAKES])
@@ -1490,6 +1493,66 @@ def test_feature_cache_hit_returns_identical_features(tmp_path):
     assert len(calls) == 1                                # the second call never touched the encoder
     assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (40, 32)
     assert probe.cache_key(encoder={"random": 1}, spec="shapes", split="test", img_size=16) != key
+
+
+# -----------------------------------------------------------------------------
+# The encoder in timm (optional: these skip where timm is not installed)
+
+
+def timm_features(d, imgs):
+    """Pooled features of the timm model described by an export d, on images in [0, 1]."""
+    import timm
+    m = timm.create_model(d["model_name"], pretrained=False, **d["kwargs"]).eval()
+    m.load_state_dict(d["state_dict"])                                  # strict
+    with torch.no_grad():
+        return m.forward_head(m.forward_features((imgs - d["mean"]) / d["std"]), pre_logits=True)
+
+
+@pytest.mark.parametrize("preset, extra, scale", [("tiny", [], 1.0), ("tiny", ["--qk_norm"], 0.01), ("small", [], 1.0)],
+                         ids=["tiny", "tiny-qk_norm-small-activations", "small"])
+def test_the_timm_export_gives_the_encoders_features(preset, extra, scale):
+    """Every weight perturbed (so a bias or a norm mapped to the wrong place shows), and in one case the
+    residual stream scaled down 100x, where LayerNorm's eps (1e-5 here, 1e-6 in timm) would be off by
+    0.1 if the export did not account for it (at full scale by about 2e-5, under the 1e-4 asked for)."""
+    pytest.importorskip("timm")
+    cfg = mdc.parse_args([f"--model={preset}", *extra])
+    enc = mdc.random_encoder(cfg, 0, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for t in (enc.patch.weight, enc.patch.bias, enc.pos):
+            t.mul_(scale)
+    imgs = torch.rand(2, 3, cfg.img_size, cfg.img_size, generator=g)
+    with torch.no_grad():
+        want = enc.features(imgs)                                         # (2, D)
+    got = timm_features(probe.timm_export(enc, cfg), imgs)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4, (got - want).abs().max()
+
+
+def test_export_timm_writes_plain_values_that_load_weights_only(two_step_run, tmp_path, capsys):
+    path = tmp_path / "vit.pt"
+    probe.main([f"--ckpt={two_step_run / 'ckpt.pt'}", f"--export_timm={path}"])
+    assert f"wrote {path}" in capsys.readouterr().out
+    d = torch.load(path, weights_only=True)                            # tensors, numbers, strings only
+    assert {"model_name", "kwargs", "state_dict", "mean", "std"} <= set(d) and d["step"] == 2
+
+    def plain(v):  # what can go into timm.create_model(**kwargs) from a file: no classes, no functions
+        if isinstance(v, (tuple, list)):
+            return all(map(plain, v))
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return v is None or isinstance(v, (bool, int, float, str))
+    assert plain(d["kwargs"]) and d["kwargs"]["class_token"] is False and d["kwargs"]["global_pool"] == "avg"
+    model, cfg, _, _ = mdc.load_checkpoint(str(two_step_run / "ckpt.pt"))
+    assert d["kwargs"]["embed_dim"] == cfg.width and d["kwargs"]["depth"] == cfg.enc_depth
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return
+    imgs = torch.rand(3, 3, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        assert (timm_features(d, imgs) - model.encoder.features(imgs)).abs().max() < 1e-4
 
 
 # -----------------------------------------------------------------------------
