@@ -494,8 +494,8 @@ def test_bf16_feature_extraction_on_a_cpu_is_close_to_fp32():
 def test_compile_on_a_cpu_gives_the_eager_losses(tmp_path):
     """--compile on a CPU (inductor, C++ kernels): two training steps as in eager mode, in one graph with
     no break. Both fp32; inductor fuses and reorders the sums, so they agree to rounding, 1e-4 relative
-    with a wide margin; a wrong kernel is off by far more. The first run on a machine compiles about 20
-    kernels (a minute on the shared 2-core machine); later runs read them from inductor's cache."""
+    with a wide margin; a wrong kernel is off by far more. The first run on a machine compiles 22 C++
+    kernels (41-81 s on the shared 2-core machine); later runs read them from inductor's cache (4-7 s)."""
     if not torch._dynamo.is_dynamo_supported():
         pytest.skip("torch.compile does not support this Python")
     try:
