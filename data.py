@@ -303,10 +303,17 @@ def shapes_probe(task="shape", n_train=5000, n_test=2000, img_size=32, seed=0):
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def load_image(src, size):
-    """Decode one image to uint8 (size, size, 3): short side resized to `size`, then a centre
-    crop (keeps the aspect ratio; a square image is just resized). `src` is a file path or
-    (tar path, byte offset, byte count). Returns None when the image cannot be decoded."""
+def eval_resize(size):
+    """The short side an image is resized to before its centre crop of `size`: at 224 px and above the
+    standard evaluation transform (short side to 256, centre crop 224: torchvision's ImageNet
+    evaluation, timm's crop_pct 0.875), below it the whole short side (size itself)."""
+    return round(size * 256 / 224) if size >= 224 else size
+
+
+def load_image(src, size, resize=None):
+    """Decode one image to uint8 (size, size, 3): short side resized to `resize` (default `size`), then a
+    centre crop of size x size (keeps the aspect ratio; a square image at resize = size is just resized).
+    `src` is a file path or (tar path, byte offset, byte count). Returns None when the image cannot be decoded."""
     try:
         if isinstance(src, (tuple, list)):  # a webdataset member, read by offset: no tarfile needed
             path, offset, nbytes = src
@@ -314,8 +321,16 @@ def load_image(src, size):
                 f.seek(offset)
                 src = io.BytesIO(f.read(nbytes))
         with Image.open(src) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, far faster for big photos
-            return np.asarray(ImageOps.fit(im.convert("RGB"), (size, size), Image.BICUBIC), dtype=np.uint8)
+            r = resize or size
+            im.draft("RGB", (r, r))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, far faster for big photos
+            im = im.convert("RGB")
+            if r == size:
+                return np.asarray(ImageOps.fit(im, (size, size), Image.BICUBIC), dtype=np.uint8)
+            w, h = im.size
+            s = min(w, h)
+            im = im.resize((r if w == s else int(r * w / s), r if h == s else int(r * h / s)), Image.BICUBIC)  # (W, H)
+            left, top = round((im.width - size) / 2), round((im.height - size) / 2)   # as torchvision's Resize, CenterCrop
+            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None  # corrupt, truncated or unreadable: the caller counts it and moves on
 
@@ -763,7 +778,8 @@ def batches(ds, start_step, batch_size, seed, rank=0, world=1, num_workers=0, de
 
 
 # -----------------------------------------------------------------------------
-# Probe datasets: labelled images, all decoded once into one uint8 tensor
+# Probe datasets: CIFAR decoded once into one uint8 tensor; an ImageFolder split read lazily,
+# batch by batch, so that a probe of ImageNet holds features, not images
 
 class ImageLabels(torch.utils.data.Dataset):
     """(image float32 (3, S, S) in [0, 1], int label) from uint8 (N, 3, S, S) and int64 (N,) tensors."""
@@ -778,15 +794,78 @@ class ImageLabels(torch.utils.data.Dataset):
         return self.x[i].float() / 255, int(self.y[i])
 
 
-def dataset_tensors(ds):
-    """(images, labels) of a probe dataset without a per-item Python loop where possible:
-    images uint8 or float (N, 3, S, S), labels int64 (N,)."""
+class FolderImages(torch.utils.data.Dataset):
+    """An ImageFolder split as a list of files and their labels; images are decoded only when read, by
+    load_batch (probe_batches runs it in DataLoader workers). ImageNet-100's 126,000 training images
+    would be 19 GB as uint8 at 224 px; their features are 126,000 x 384 floats, under 200 MB.
+    Item i: (image float32 (3, S, S) in [0, 1], int label), at S >= 224 through the evaluation
+    transform (eval_resize: short side to 256, centre crop 224), below it short side to S and a centre crop."""
+
+    def __init__(self, files, labels, classes, img_size, name):
+        self.files, self.labels, self.classes, self.img_size, self.name = files, torch.tensor(labels), classes, img_size, name
+        self.n_classes = len(classes)
+
+    def __len__(self):
+        return len(self.files)
+
+    def load_batch(self, idx):
+        """(images uint8 (b, 3, S, S), labels int64 (b,), number skipped): the files at idx that decode."""
+        xs = [load_image(self.files[i], self.img_size, eval_resize(self.img_size)) for i in idx]
+        keep = [j for j, x in enumerate(xs) if x is not None]
+        x = torch.from_numpy(np.stack([xs[j] for j in keep])) if keep else torch.zeros(0, self.img_size, self.img_size, 3, dtype=torch.uint8)
+        return x.permute(0, 3, 1, 2), self.labels[np.asarray(idx)[keep]], len(xs) - len(keep)   # (b, 3, S, S)
+
+    def __getitem__(self, i):
+        x, y, bad = self.load_batch([i])
+        if bad:
+            raise UsageError(f"{self.files[i]}: cannot decode this image")
+        return x[0].float() / 255, int(y[0])
+
+    def subset(self, idx):
+        """The same split restricted to the files at idx (in that order)."""
+        return FolderImages([self.files[i] for i in idx], self.labels[idx].tolist(), self.classes, self.img_size, self.name)
+
+
+def probe_batches(ds, batch_size=256, num_workers=0):
+    """(images uint8 or float (b, 3, S, S), labels int64 (b,)) of a probe dataset, batch by batch, in order.
+    A FolderImages split is decoded by `num_workers` DataLoader workers (in this process with 0), each batch
+    dropped once used: the memory of a few batches, however many images; files that cannot be decoded
+    are skipped with their labels and reported once at the end. CIFAR and shapes are in memory: sliced."""
+    if not isinstance(ds, FolderImages):
+        x, y = dataset_tensors(ds)
+        for i in range(0, len(y), batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size].long()
+        return
+    plan = [(np.arange(i, min(i + batch_size, len(ds))),) for i in range(0, len(ds), batch_size)]
+    reader = (ds.load_batch(*key) for key in plan) if num_workers == 0 else torch.utils.data.DataLoader(
+        _BatchReader(ds), batch_size=None, sampler=plan, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    bad = 0
+    for x, y, n_bad in reader:
+        bad += n_bad
+        if len(y):
+            yield x, y
+    if bad:
+        where = os.path.dirname(os.path.dirname(ds.files[0]))                  # ROOT/train or ROOT/val
+        print(f"probe {where}: skipped {bad:,} of {len(ds):,} images: could not decode", file=sys.stderr)
+
+
+def dataset_tensors(ds, idx=None):
+    """(images, labels) of a probe dataset, or of its items at idx, without a per-item Python loop where
+    possible: images uint8 or float (N, 3, S, S), labels int64 (N,). A FolderImages split is decoded
+    into memory here: meant for a subset (zero-shot's images), not for a whole split."""
+    if isinstance(ds, FolderImages):
+        parts = list(probe_batches(ds if idx is None else ds.subset(idx)))
+        S = ds.img_size
+        return (torch.cat([x for x, _ in parts]) if parts else torch.zeros(0, 3, S, S, dtype=torch.uint8),
+                torch.cat([y for _, y in parts]) if parts else torch.zeros(0, dtype=torch.long))
     if hasattr(ds, "x"):                                   # ImageLabels (uint8)
-        return ds.x, ds.y
-    if isinstance(ds, torch.utils.data.TensorDataset):     # the synthetic probe (float)
-        return ds.tensors
-    xs, ys = zip(*[ds[i] for i in range(len(ds))])
-    return torch.stack(xs), torch.as_tensor(ys)
+        x, y = ds.x, ds.y
+    elif isinstance(ds, torch.utils.data.TensorDataset):   # the synthetic probe (float)
+        x, y = ds.tensors
+    else:
+        xs, ys = zip(*[ds[i] for i in range(len(ds))])
+        x, y = torch.stack(xs), torch.as_tensor(ys)
+    return (x, y) if idx is None else (x[idx], y[idx])
 
 
 def _resize_u8(x, img_size):  # uint8 (N, 3, S, S) -> uint8 (N, 3, img_size, img_size)
@@ -816,6 +895,45 @@ def _cifar(kind, split, img_size, data_root):
     return out
 
 
+# ImageNet-100, --classes=imagenet100: the 100-class subset of CMC (Tian, Krishnan, Isola, Contrastive
+# Multiview Coding, 2019; github.com/HobbitLong/CMC, imagenet100.txt, in that file's order), which most
+# self-supervised papers since probe on
+IMAGENET100 = """
+n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797
+n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653
+n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531
+n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855
+n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051
+n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868
+n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322
+n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029
+n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045
+n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622
+""".split()
+CLASS_LISTS = {"imagenet100": IMAGENET100}  # --classes=NAME
+
+
+def class_subset(names, classes, seed=0, root=""):
+    """The class folders a probe uses, sorted: all of `names` (classes 0 or ''), a seeded subset of that
+    many (a number), a named list (CLASS_LISTS: 'imagenet100'), or those in a file of wnids, one a line."""
+    if isinstance(classes, str) and classes.strip().isdigit():  # "100" from a command line is a count
+        classes = int(classes)
+    if isinstance(classes, str) and classes:
+        if classes in CLASS_LISTS:
+            wanted, where = CLASS_LISTS[classes], f"--classes={classes}"
+        else:
+            _need(classes, "--classes: a number of classes, a name (" + ", ".join(CLASS_LISTS)
+                  + ") or a file of class folder names (wnids), one a line")
+            with open(classes) as f:
+                wanted, where = [w.strip() for w in f if w.strip()], classes
+        if missing := sorted(set(wanted) - set(names)):
+            raise UsageError(f"{where}: {len(missing)} classes not in {root}/train, e.g. {missing[:3]}")
+        return sorted(set(wanted))
+    if int(classes or 0) > 0 and int(classes) < len(names):  # a seeded subset of the sorted class names
+        return sorted(np.random.default_rng(seed).choice(names, int(classes), replace=False).tolist())
+    return names
+
+
 def _imagefolder(root, split, img_size, seed, classes, per_class):
     what = "ROOT/train/<class>/*.jpg and ROOT/val/<class>/ (or ROOT/test/), an ImageFolder tree"
     _need(root, what)
@@ -824,17 +942,7 @@ def _imagefolder(root, split, img_size, seed, classes, per_class):
     # classes come from train/ in both splits, so the labels agree between them
     _need(os.path.join(root, "train"), what)
     names = sorted(d for d in os.listdir(os.path.join(root, "train")) if os.path.isdir(os.path.join(root, "train", d)))
-    if isinstance(classes, str) and classes.strip().isdigit():  # "100" from a command line is a count
-        classes = int(classes)
-    if isinstance(classes, str) and classes:
-        _need(classes, "--classes: a number of classes, or a file of class folder names (wnids), one a line")
-        with open(classes) as f:  # a file listing wnids, one a line (ImageNet-100 style)
-            wanted = [w.strip() for w in f if w.strip()]
-        if missing := sorted(set(wanted) - set(names)):
-            raise UsageError(f"{classes}: {len(missing)} classes not in {root}/train, e.g. {missing[:3]}")
-        names = sorted(wanted)
-    elif int(classes or 0) > 0 and int(classes) < len(names):  # a seeded subset of the sorted class names
-        names = sorted(np.random.default_rng(seed).choice(names, int(classes), replace=False).tolist())
+    names = class_subset(names, classes, seed, root)
     files, labels = [], []
     for y, c in enumerate(names):
         d = os.path.join(root, sub, c)
@@ -844,16 +952,7 @@ def _imagefolder(root, split, img_size, seed, classes, per_class):
         labels += [y] * len(fs)
     if not files:
         raise UsageError(f"no images under {root}/{sub}: expected {what}")
-    with Pool(min(os.cpu_count(), 8)) as pool:
-        xs = list(tqdm(pool.imap(_load_sized, [(f, img_size) for f in files], chunksize=256),
-                       total=len(files), desc=f"{os.path.basename(os.path.normpath(root))}/{sub}", disable=len(files) < 5000))
-    keep = [i for i, x in enumerate(xs) if x is not None]
-    if len(keep) < len(files):
-        print(f"probe {root}/{sub}: skipped {len(files) - len(keep):,} of {len(files):,} images: could not decode", file=sys.stderr)
-    x = torch.from_numpy(np.stack([xs[i] for i in keep])).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
-    ds = ImageLabels(x, torch.tensor([labels[i] for i in keep]), len(names), f"imagefolder:{root}")
-    ds.classes = names
-    return ds
+    return FolderImages(files, labels, names, img_size, f"imagefolder:{root}")
 
 
 PROBE_KINDS = "shapes[:TASK], cifar10, cifar100, imagefolder:ROOT or imagenet:ROOT"
@@ -881,9 +980,9 @@ def probe_dataset(spec, split, img_size=32, data_root="data", seed=0, classes=0,
     """A labelled image dataset for linear probing: 'shapes' (task 'shape'), 'shapes:TASK'
     (a key of PROBE_TASKS), 'cifar10', 'cifar100' (torchvision, downloaded into data_root),
     'imagefolder:ROOT' or 'imagenet:ROOT' (ROOT/train, ROOT/val or ROOT/test; classes: a number
-    for a seeded subset, or a file of wnids; per_class: cap on images per class, 0 = all).
-    Returns a torch Dataset of (image float32 (3, S, S) in [0, 1], int label) with attributes
-    n_classes and name."""
+    for a seeded subset, 'imagenet100', or a file of wnids; per_class: cap on images per class, 0 = all;
+    read lazily, see FolderImages). Returns a torch Dataset of (image float32 (3, S, S) in [0, 1],
+    int label) with attributes n_classes and name; probe_batches reads any of them batch by batch."""
     kind, _, arg = spec.partition(":")
     if kind == "shapes":
         task = arg or "shape"

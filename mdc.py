@@ -109,7 +109,8 @@ class Config:
     stop_after: int = 0         # end this run after so many steps (checkpointed); --resume goes on
     # speed
     device: str = "auto"        # auto | cpu | cuda
-    compile: bool = False       # torch.compile the model (CUDA)
+    compile: bool = False       # torch.compile the model (CUDA; on a CPU inductor needs a C++ compiler)
+    dtype: str = "auto"         # auto (bf16 autocast on CUDA, fp32 on a CPU) | fp32 | bf16 (autocast, on a CPU too)
     bench: bool = False         # time training steps and report images/s and MFU, then exit
     bench_steps: int = 10       # timed steps of --bench
 
@@ -133,6 +134,7 @@ MASKED_IMAGE = ("mae", "umd", "milan", "rils")  # a patch decoder: the encoder s
 TAUGHT, TEACHERS = ("milan",), ("clip", "siglip")  # objectives that learn from a frozen --teacher, and what it may be
 ALIAS_LOSS = ("ar",)                        # objectives whose loss --alias_loss=false can leave the alias words out of
 OBJECTIVES = CAPTIONERS + ("clip", "siglip") + MASKED_IMAGE
+DTYPES = ("auto", "fp32", "bf16")
 
 
 # -----------------------------------------------------------------------------
@@ -838,9 +840,17 @@ def build_model(cfg, vocab_size, len_hist=None, teacher_cfg=None):
 # Training: the optimiser, a step, the loop
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; a no-op on a CPU, which runs in fp32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def precision(device, dtype="auto"):
+    """--dtype resolved: 'auto' is bf16 on CUDA, fp32 on a CPU."""
+    return ("bf16" if device.type == "cuda" else "fp32") if dtype == "auto" else dtype
+
+
+def autocast(device, dtype="auto"):
+    """bf16 autocast where precision(device, dtype) is bf16 (on a CPU too); else a no-op, fp32. The
+    parameters stay fp32 either way: autocast runs matmuls and attention in bf16, losses in fp32."""
+    if precision(device, dtype) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def lr_at(step, cfg):
@@ -895,7 +905,7 @@ def train_step(model, opt, imgs, x, step, cfg, rank=0, world=1):
     noise = Noise(*(a[rank * b:(rank + 1) * b] for a in draw_noise(cfg, b * world, step))).to(x.device)  # this rank's rows
     for g in opt.param_groups:
         g["lr"] = lr_at(step, cfg)
-    with autocast(x.device):
+    with autocast(x.device, cfg.dtype):
         loss, n = LOSSES[cfg.objective](model, imgs, x, noise, cfg)
     scaled = loss
     if world > 1:  # DDP averages gradients; rescale so the result is normalised by the global count
@@ -920,7 +930,7 @@ def evaluate(model, cfg, val, tok, n_batches=4):
         imgs, caps = val.batch(np.arange(i * cfg.batch_size, min((i + 1) * cfg.batch_size, len(val))))
         x = tok.batch(caps, cfg.max_len).to(device)
         noise = draw_noise(cfg, len(x), i, salt=999).to(device)
-        with autocast(device):
+        with autocast(device, cfg.dtype):
             losses.append(LOSSES[cfg.objective](model, imgs.to(device), x, noise, cfg)[0].item())
     model.train()
     return sum(losses) / len(losses)
@@ -1103,7 +1113,7 @@ def load_teacher(cfg, device):
 
 # the flags a --resume may change: how long and how the run goes on, not what it trains
 RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval_every", "ckpt_every", "keep_ckpts", "log_every",
-             "sample_steps", "sample_order", "probe", "data_root", "out_dir", "num_workers", "device", "compile", "bench", "bench_steps")
+             "sample_steps", "sample_order", "probe", "data_root", "out_dir", "num_workers", "device", "compile", "dtype", "bench", "bench_steps")
 
 
 def check_resume(ckpt, cfg, path):
@@ -1292,6 +1302,7 @@ def check_config(c):
         ("alias_loss", c.alias_loss or (c.objective in ALIAS_LOSS and c.alias > 0),
          f"true unless {' or '.join(f'--objective={o}' for o in ALIAS_LOSS)} with --alias > 0"),
         ("device", c.device in ("auto", "cpu") or c.device.startswith("cuda"), "auto, cpu or cuda"),
+        ("dtype", c.dtype in DTYPES, " or ".join(DTYPES)),
         ("t_min", 0 < c.t_min <= 1, "in (0, 1]"),
         ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"),
         ("val_frac", 0 <= c.val_frac < 1, "in [0, 1)"),

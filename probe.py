@@ -3,15 +3,19 @@ Judging a pre-trained image encoder once its decoder is thrown away.
 
     python probe.py --ckpt=out/mdc.pt --dataset=cifar10
     python probe.py --ckpt=out/mdc.pt --ckpt=out/ar.pt --ckpt=out/clip.pt --ckpt=random --ckpt=pixels
-    python probe.py --ckpt=out/mdc.pt --dataset=imagenet:/data/imagenet --classes=100
+    python probe.py --ckpt=out/mdc.pt --dataset=imagenet:data/imagenet --classes=imagenet100
+    python probe.py --ckpt=out/mdc.pt --export_timm=out/mdc_timm.pt      # the encoder as a timm ViT
 
 Every call prints one table, rows = encoders, columns = metrics; `random` (the same ViT at
 random initialisation) and `pixels` (raw pixels) are the floors every table should carry.
 - Linear probe on frozen features (mean of the final tokens after the final LayerNorm),
-  extracted once and cached on disk: closed-form ridge regression (big_vision's fast few-shot
-  probe, `ridge_probe`, which `python mdc.py` also runs, by `quick_probe`) and L2-regularised
-  multinomial logistic regression fitted by L-BFGS, strength chosen on a stratified 10% hold-out
-  and refitted on all of the training set (CLIP's protocol).
+  extracted once and cached on disk (an ImageFolder is decoded batch by batch in --num_workers
+  DataLoader workers and only the features are kept; at 224 px and above each image goes through the
+  standard evaluation transform, short side resized to 256 and a centre crop of 224; smaller sizes
+  take the whole short side): closed-form ridge regression (big_vision's fast few-shot probe,
+  `ridge_probe`, which `python mdc.py` also runs, by `quick_probe`) and L2-regularised multinomial
+  logistic regression fitted by L-BFGS, strength chosen on a stratified 10% hold-out and refitted
+  on all of the training set (CLIP's protocol).
 - Zero-shot classification, ARO-style compositionality and image-text retrieval, all by
   scoring captions (RULES): mdc by minus its training loss (K Monte Carlo draws; the ELBO only as
   t_min -> 0) or a cheaper rule, ar/cappa by the exact log-likelihood, clip/siglip/rils by cosine
@@ -31,7 +35,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -47,15 +51,20 @@ from data import MASK, PAD
 
 
 @torch.no_grad()
-def extract(featurize, ds, size, device, batch_size=256, desc="features"):
-    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset, with a
-    progress bar. Returns (features float32 (N, D) on the CPU, labels int64 (N,))."""
-    imgs, labels = data.dataset_tensors(ds)
-    out = []
-    for i in tqdm(range(0, len(imgs), batch_size), desc=desc, leave=False, disable=len(imgs) < 4 * batch_size or None):
-        with mdc.autocast(device):
-            out.append(featurize(data.to_input(imgs[i:i + batch_size], size).to(device)).float().cpu())
-    return torch.cat(out), labels.long()
+def extract(featurize, ds, size, device, batch_size=256, desc="features", num_workers=0, dtype="auto"):
+    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset batch by batch
+    (data.probe_batches: an ImageFolder is decoded by num_workers DataLoader workers as it goes, never
+    all at once), under mdc.autocast(device, dtype), with a progress bar. Returns (features float32
+    (N, D) on the CPU, labels int64 (N,))."""
+    out, labels = [], []
+    bar = tqdm(total=len(ds), desc=desc, leave=False, disable=len(ds) < 4 * batch_size or None)
+    for imgs, y in data.probe_batches(ds, batch_size, num_workers):
+        with mdc.autocast(device, dtype):
+            out.append(featurize(data.to_input(imgs.to(device), size)).float().cpu())
+        labels.append(y)
+        bar.update(len(y))
+    bar.close()
+    return torch.cat(out), torch.cat(labels).long()
 
 
 def cache_key(**parts):
@@ -378,10 +387,10 @@ def random_encoder(cfg, seed, device):
     return enc.to(device).eval()
 
 
-def ridge_accuracy(featurize, train, test, n_classes, img_size, device, batch_size=256):
+def ridge_accuracy(featurize, train, test, n_classes, img_size, device, batch_size=256, num_workers=0, dtype="auto"):
     """Ridge-probe top-1 (a fraction) of featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) on a
     labelled (train, test) pair of datasets."""
-    a, b = (extract(featurize, ds, img_size, device, batch_size) for ds in (train, test))
+    a, b = (extract(featurize, ds, img_size, device, batch_size, num_workers=num_workers, dtype=dtype) for ds in (train, test))
     return ridge_probe(*a, *b, n_classes, log=lambda s: None)["ridge top1"]
 
 
@@ -402,7 +411,8 @@ def quick_probe(model, cfg):
                 ("pixels", flat)]
     accs = {}
     for name, fn in encoders:
-        accs.setdefault(name, []).append(ridge_accuracy(fn, tr, te, tr.n_classes, cfg.img_size, device))
+        accs.setdefault(name, []).append(ridge_accuracy(fn, tr, te, tr.n_classes, cfg.img_size, device,
+                                                             num_workers=cfg.num_workers, dtype=cfg.dtype))
     out = {k: float(np.mean(v)) for k, v in accs.items()}
     print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
           f"L2 chosen on a 10% hold-out; random init: the mean of {len(FLOOR_INITS)} inits; "
@@ -438,7 +448,7 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
     B, C = len(cands), len(cands[0])
     out = torch.empty(B, C)
     for i in range(0, B, batch_size):
-        with mdc.autocast(device):
+        with mdc.autocast(device, cfg.dtype):
             v = model.encoder(data.to_input(imgs[i:i + batch_size], cfg.img_size).to(device))  # (b, N, D), once per image
         b = len(v)
         x = tok.batch([c for cs in cands[i:i + b] for c in cs], cfg.max_len).view(b, C, -1)  # (b, C, L)
@@ -447,7 +457,7 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
         x = x.to(device)
         for c in range(C):
             xc = x[:, c]                                         # (b, L)
-            with mdc.autocast(device):
+            with mdc.autocast(device, cfg.dtype):
                 if rule == "cos":
                     img, txt = model.embed(v, xc, xc != PAD)
                     s = (img.float() * txt.float()).sum(-1)
@@ -509,9 +519,8 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=No
         names = class_names(ds)
         if names is None:
             return None
-        imgs, labels = data.dataset_tensors(ds)
-        pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]  # a seeded subset
-        imgs, labels = imgs[pick], labels[pick]
+        pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]  # a seeded subset
+        imgs, labels = data.dataset_tensors(ds, pick)     # an ImageFolder: only these are decoded
         cands = [[t.format(c) for c in names for t in TEMPLATES]] * len(labels)
     out = {}
     for rule in rules or RULES[cfg.objective]:
@@ -1020,14 +1029,73 @@ def probe_features(enc, split, args, device, datasets):
             datasets[k] = data.probe_dataset(**ds_args)
         return datasets[k]
 
-    if enc["kind"] == "pixels":
-        x, y = data.dataset_tensors(ds())
-        x, y = data.to_input(x, size).flatten(1), y.long()     # (N, 3 * S * S)
+    read = dict(batch_size=args.batch_size, desc=f"{enc['name']} {split}", num_workers=args.num_workers)
+    if enc["kind"] == "pixels":  # (N, 3 * S * S), read batch by batch like the features, not cached
+        x, y = extract(lambda imgs: imgs.flatten(1), ds(), size, torch.device("cpu"), **read)
     else:
-        key = cache_key(encoder=enc["key"], **ds_args)
-        x, y = cached_features(key, lambda: extract(enc["encoder"].features, ds(), size, device, args.batch_size,
-                                                    f"{enc['name']} {split}"), args.cache_dir)
+        # an ImageFolder at 224 px and above is read through the evaluation transform (data.eval_resize)
+        dtype = mdc.precision(device, enc["cfg"].dtype)       # the checkpoint's own, or --dtype
+        key = cache_key(encoder=enc["key"], **ds_args, resize=data.eval_resize(size), dtype=dtype)
+        x, y = cached_features(key, lambda: extract(enc["encoder"].features, ds(), size, device, dtype=dtype, **read),
+                               args.cache_dir)
     return x, y, ds
+
+
+# -----------------------------------------------------------------------------
+# The encoder as a timm VisionTransformer (pip install timm; the project itself does not need it)
+
+TIMM_LN_EPS = 1e-6  # timm's LayerNorm default (timm/layers/norm.py), which every norm_layer given by name gets
+
+
+def timm_export(enc, cfg):
+    """The ViT `enc` as the contents of a file for timm: {model_name, kwargs, state_dict, mean, std}, with
+    timm.create_model(model_name, pretrained=False, **kwargs).load_state_dict(state_dict) (strict) a
+    VisionTransformer whose forward_head(forward_features((images - mean) / std), pre_logits=True) is
+    enc.features(images) for images in [0, 1]: no class token, this ViT's fixed sin-cos positions as its
+    pos_embed, the final norm on the tokens before the mean (fc_norm=False). kwargs are plain values.
+    One difference needs the weights changed: timm's LayerNorm has eps 1e-6, this ViT's 1e-5. LayerNorm is
+    unchanged by scaling its input except through eps, LN_eps(x) = LN_{c^2 eps}(c x), so with c =
+    sqrt(1e-6 / 1e-5) the residual stream is carried scaled by c (patch embedding, positions and every
+    branch's output projection times c) and, with qk_norm, so are the queries and keys: every LayerNorm
+    then gives what it gives here."""
+    eps = enc.ln.eps
+    c = math.sqrt(TIMM_LN_EPS / eps)
+    D = cfg.width
+    t = lambda x, scale=1.0: (x.detach().float().cpu() * scale).contiguous()
+    sd = {"patch_embed.proj.weight": t(enc.patch.weight, c), "patch_embed.proj.bias": t(enc.patch.bias, c),
+          "pos_embed": t(enc.pos, c),                                          # (1, N, D), row-major as the patches
+          "norm.weight": t(enc.ln.weight), "norm.bias": t(enc.ln.bias)}
+    for i, blk in enumerate(enc.blocks):
+        p = f"blocks.{i}."
+        qk = torch.ones(3 * D, 1)                                            # rows of q, k, v in the fused qkv
+        if cfg.qk_norm:
+            qk[:2 * D] = c                                                   # q_norm(c q) at c^2 eps = q_norm(q)
+            for n in ("q_norm", "k_norm"):
+                sd[p + f"attn.{n}.weight"], sd[p + f"attn.{n}.bias"] = t(getattr(blk.attn, n).weight), t(getattr(blk.attn, n).bias)
+        sd.update({p + "norm1.weight": t(blk.ln1.weight), p + "norm1.bias": t(blk.ln1.bias),
+                   p + "attn.qkv.weight": t(blk.attn.qkv.weight * qk), p + "attn.qkv.bias": t(blk.attn.qkv.bias * qk[:, 0]),
+                   p + "attn.proj.weight": t(blk.attn.proj.weight, c), p + "attn.proj.bias": t(blk.attn.proj.bias, c),
+                   p + "norm2.weight": t(blk.ln2.weight), p + "norm2.bias": t(blk.ln2.bias),
+                   p + "mlp.fc1.weight": t(blk.mlp[0].weight), p + "mlp.fc1.bias": t(blk.mlp[0].bias),
+                   p + "mlp.fc2.weight": t(blk.mlp[2].weight, c), p + "mlp.fc2.bias": t(blk.mlp[2].bias, c)})
+    mean, std = t(enc.mean).view(3, 1, 1), t(enc.std).view(3, 1, 1)
+    # the name only selects timm's VisionTransformer; every size comes from kwargs
+    name = {768: "vit_base_patch16_224"}.get(D, "vit_small_patch16_224")
+    kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.enc_depth, num_heads=cfg.heads,
+                  mlp_ratio=cfg.mlp_ratio, qkv_bias=True, qk_norm=cfg.qk_norm, class_token=False, global_pool="avg",
+                  fc_norm=False, num_classes=0,
+                  # what timm.data.resolve_model_data_config reads: this ViT's input size, normalisation, crop
+                  pretrained_cfg_overlay=dict(input_size=(3, cfg.img_size, cfg.img_size), mean=tuple(round(v, 6) for v in mean.flatten().tolist()),
+                                              std=tuple(round(v, 6) for v in std.flatten().tolist()), interpolation="bicubic",
+                                              crop_pct=cfg.img_size / data.eval_resize(cfg.img_size)))
+    return dict(model_name=name, kwargs=kwargs, state_dict=sd, mean=mean, std=std, mdc_config=asdict(cfg))
+
+
+def export_timm(ckpt, path):
+    """--export_timm: write timm_export of a checkpoint's encoder to path (torch.save, loads with weights_only)."""
+    model, cfg, _, meta = mdc.load_checkpoint(ckpt)
+    torch.save({**timm_export(model.encoder, cfg), "step": meta.get("step")}, path)
+    print(f"wrote {path}: the encoder of {ckpt} (step {meta.get('step')}) for timm.create_model; README.md says how to load it")
 
 
 # -----------------------------------------------------------------------------
@@ -1113,9 +1181,11 @@ def bench(n=50_000, d=384, c=100, device="cpu"):
 def parse(argv):
     p = data.ArgumentParser(prog="probe.py", description="linear probe, zero-shot, compositionality and retrieval of encoders")
     p.add_argument("--ckpt", action="append", default=[], help="checkpoint path, or 'random' / 'pixels'; repeatable")
-    p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK], cifar10, cifar100, imagefolder:ROOT, imagenet:ROOT")
+    p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK], cifar10, cifar100, imagefolder:ROOT, "
+                   "imagenet:ROOT (read batch by batch; at 224 px and above short side to 256, centre crop 224)")
     p.add_argument("--data_root", default="data")
-    p.add_argument("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded subset) or a file of wnids")
+    p.add_argument("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded subset), imagenet100 "
+                   "(CMC's 100 classes), or a file of wnids")
     p.add_argument("--per_class", type=int, default=0, help="cap on training images per class (0 = all)")
     p.add_argument("--captions", default=None, help="caption dataset for compositionality and retrieval (default shapes)")
     p.add_argument("--caption_tie", type=float, default=None,
@@ -1143,6 +1213,11 @@ def parse(argv):
     p.add_argument("--cache_dir", default=".cache/features")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, choices=mdc.DTYPES,
+                   help="precision of feature extraction and scoring (default: each checkpoint's own --dtype; auto = bf16 "
+                        "autocast on CUDA, fp32 on a CPU)")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="imagefolder/imagenet: DataLoader workers that decode the images (0 = in this process)")
     p.add_argument("--json", default=None, help="write the results and each checkpoint's config here")
     p.add_argument("--plot_vs", default=None, help="no probing: plot --metrics of the --from_json results against this "
                                                    "config field (e.g. tie) into --plot")
@@ -1153,13 +1228,15 @@ def parse(argv):
     p.add_argument("--diff", action="append", default=[], help="--summary: FLAG:A,B, the paired-by-seed difference (FLAG=A) - "
                                                                "(FLAG=B) instead; twice: the interaction (a difference of differences)")
     p.add_argument("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
+    p.add_argument("--export_timm", default=None, metavar="PATH", help="no probing: write the --ckpt's encoder as a file for "
+                   "timm (model_name, kwargs, state_dict, mean, std; README.md says how to load it)")
     a = p.parse_args(argv)
     a.classes = int(a.classes) if a.classes.isdigit() else a.classes
     bad = [r for r in a.mdc_rules.split(",") if r not in MDC_RULES]
     if bad:
         p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(MDC_RULES)}")
     for name, ok in (("K", a.K >= 1), ("n_eval", a.n_eval >= 1), ("n_retrieval", a.n_retrieval >= 2),
-                     ("batch_size", a.batch_size >= 1), ("per_class", a.per_class >= 0), ("pixel_size", a.pixel_size >= 1),
+                     ("batch_size", a.batch_size >= 1), ("num_workers", a.num_workers >= 0), ("per_class", a.per_class >= 0), ("pixel_size", a.pixel_size >= 1),
                      ("img_size", a.img_size >= 0), ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
         if not ok:
             p.error(f"--{name}={getattr(a, name)} is out of range")
@@ -1168,6 +1245,13 @@ def parse(argv):
     a.diff = [(f, *ab.split(",", 1)) for f, _, ab in (d.partition(":") for d in a.diff)]
     if any(len(d) != 3 for d in a.diff):
         p.error("--diff expects FLAG:A,B, e.g. --diff=objective:mdc,ar")
+    if a.export_timm:
+        if len(a.ckpt) != 1 or a.ckpt[0] == "pixels" or a.ckpt[0].startswith("random"):
+            p.error("--export_timm=PATH needs exactly one --ckpt=CHECKPOINT (a file written by mdc.py)")
+        folder = os.path.dirname(os.path.abspath(a.export_timm))
+        if os.path.isdir(a.export_timm) or not os.path.isdir(folder):
+            p.error(f"--export_timm={a.export_timm}: not a file path in an existing folder")
+        return a
     if a.summary is not None:
         if not a.from_json:
             p.error("--summary needs --from_json=FILE (one or more)")
@@ -1193,6 +1277,8 @@ def main(argv):
     device = mdc.pick_device(args.device)
     if args.bench:
         return bench(device=device)
+    if args.export_timm:
+        return export_timm(args.ckpt[0], args.export_timm)
     if args.summary is not None:
         results = [load_json(f) for f in args.from_json]
         tables = [summary_table(results, [f for f in args.summary.split(",") if f], m, args.diff) for m in args.metrics.split(",")]
@@ -1211,6 +1297,8 @@ def main(argv):
     do_sig = on(args.signal, synthetic or args.captions is not None)
     captions = args.captions or "shapes"
     encs = load_encoders(args.ckpt, args.model, args.img_size, args.seed, device)
+    for e in encs:  # --dtype: every encoder in this precision; by default each checkpoint's own (--dtype of mdc.py)
+        e["cfg"] = replace(e["cfg"], dtype=args.dtype or e["cfg"].dtype)
     if not any(e["kind"] == "ckpt" and RULES[e["cfg"].objective] for e in encs):  # no encoder here scores captions
         do_zs = do_comp = do_ret = do_sig = False
     datasets, caption_sets, results = {}, {}, {"command": command, "machine": machine(), "device": str(device),

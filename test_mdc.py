@@ -470,19 +470,26 @@ def test_resume_equals_uninterrupted_training(tmp_path, objective):
     assert not torch.allclose(half["encoder.patch.weight"], pb["encoder.patch.weight"])  # it did train on
 
 
+def succeeded(run, log):
+    """A finished subprocess exited 0; if not, the message holds its whole stderr, also kept in the file
+    log: a child that dies under load (once: SIGABRT in a DDP worker) may explain itself only at length."""
+    log.write_text(run.stderr)
+    assert run.returncode == 0, f"exit status {run.returncode}; stderr in full (kept in {log}):\n{run.stderr}\nstdout:\n{run.stdout}"
+
+
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     flags = TINY + ["--steps=3", "--device=cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a child killed by a signal prints its stack
     one = subprocess.run([sys.executable, "mdc.py", *flags, f"--out_dir={tmp_path / 'one'}"], cwd=HERE,
                          capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
+    succeeded(one, tmp_path / "one.stderr")
     with socket.socket() as s:  # a free port: another test run on this machine may hold a fixed one
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           "mdc.py", *flags, f"--out_dir={tmp_path / 'two'}"], cwd=HERE,
                          capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    succeeded(two, tmp_path / "two.stderr")
     assert "max parameter difference across ranks 0" in two.stdout, two.stdout[-2000:]
     p1, p2 = params(tmp_path / "one" / "ckpt.pt"), params(tmp_path / "two" / "ckpt.pt")
     for k in p1:
@@ -565,6 +572,80 @@ def test_qk_norm_bounds_the_attention_logits():
     assert min(peaks["--qk_norm=false"].values()) > 3 * hd ** 0.5, peaks
 
 
+# -----------------------------------------------------------------------------
+# the GPU's code paths, run on a CPU: bf16 autocast and torch.compile
+
+
+def short_run(cfg, steps=4, n=8):
+    """`steps` training steps of cfg from a seeded init on shapes batches of n: the losses and gradient norms."""
+    torch.manual_seed(0)
+    ds = data.Shapes(0, cfg.img_size)
+    tok = data.Tokenizer.build(ds.vocab_captions(2000))
+    model = mdc.build_model(cfg, len(tok))
+    opt = mdc.make_optimizer(model, cfg, torch.device("cpu"))
+    out = []
+    for step in range(steps):
+        imgs, caps = ds.batch(np.arange(step * n, (step + 1) * n))
+        out.append([t.item() for t in mdc.train_step(model, opt, imgs, tok.batch(caps, cfg.max_len), step, cfg)])
+    return np.array(out)                                                    # (steps, 2): loss, gradient norm
+
+
+needs_cpu_bf16 = pytest.mark.skipif(not torch.amp.is_autocast_available("cpu"), reason="no bf16 autocast on this CPU build")
+
+
+@needs_cpu_bf16
+@pytest.mark.parametrize("objective", [o for o in mdc.OBJECTIVES if o != "milan"])   # milan: needs a teacher run
+def test_bf16_autocast_trains_on_a_cpu_close_to_fp32(objective):
+    """--dtype=bf16 on a CPU: four steps from the same init and batches as --dtype=fp32. bf16 keeps 8
+    significant bits (a rounding error of up to 2^-9 = 0.2% each time); the losses are means over many
+    terms and measured 0.4% apart at most here, so 2% is a margin, not a blind spot: a loss computed in
+    bf16 itself, or a wrong cast, is off by more. rils weights its KL term by an argmax, which a rounding
+    may flip: its losses only have to be finite."""
+    fp32, bf16 = (short_run(tiny_cfg(f"--objective={objective}", f"--dtype={d}", "--mim_width=32")) for d in ("fp32", "bf16"))
+    assert np.isfinite(bf16).all(), bf16
+    assert not np.array_equal(fp32, bf16)                                   # autocast did change the arithmetic
+    if objective != "rils":
+        assert np.allclose(bf16[:, 0], fp32[:, 0], rtol=0.02, atol=0), (fp32[:, 0], bf16[:, 0])
+
+
+@needs_cpu_bf16
+def test_bf16_feature_extraction_on_a_cpu_is_close_to_fp32():
+    cfg = tiny_cfg("--dtype=bf16")
+    enc = probe.random_encoder(cfg, 0, torch.device("cpu"))
+    ds = torch.utils.data.TensorDataset(data.Shapes(0, cfg.img_size).batch(np.arange(64))[0], torch.arange(64) % 4)
+    (a, ya), (b, yb) = (probe.extract(enc.features, ds, cfg.img_size, torch.device("cpu"), 16, dtype=d) for d in ("fp32", cfg.dtype))
+    assert b.dtype == torch.float32 and torch.equal(ya, yb) and not torch.equal(a, b)
+    # features after a LayerNorm and a mean: each row within a few bf16 roundings of fp32's
+    assert ((a - b).norm(dim=1) / a.norm(dim=1)).max() < 0.02
+    assert mdc.precision(torch.device("cpu")) == "fp32" and mdc.precision(torch.device("cuda")) == "bf16"   # auto
+
+
+def test_compile_on_a_cpu_gives_the_eager_losses(tmp_path):
+    """--compile on a CPU (inductor, C++ kernels): two training steps as in eager mode, in one graph with
+    no break. Both fp32; inductor fuses and reorders the sums, so they agree to rounding, 1e-4 relative
+    with a wide margin; a wrong kernel is off by far more. The first run on a machine compiles 22 C++
+    kernels (41-81 s on the shared 2-core machine); later runs read them from inductor's cache (4-7 s)."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile does not support this Python")
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - whatever stops inductor finding a compiler
+        pytest.skip(f"no C++ compiler for inductor here ({type(e).__name__}: {e})")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    rows = {}
+    for flags in ([], ["--compile"]):
+        rows[bool(flags)] = []
+        run_train(tmp_path / str(len(flags)), "--steps=2", "--batch_size=8", "--device=cpu", *flags, callback=rows[bool(flags)].append)
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+    for eager, compiled in zip(rows[False], rows[True], strict=True):
+        for k in ("loss", "grad_norm_max"):
+            assert math.isclose(eager[k], compiled[k], rel_tol=1e-4), (k, eager[k], compiled[k])
+
+
 def test_presets_and_explicit_flags_and_help(capsys):
     cfg = mdc.parse_args(["--model=small", "--img_size=64", "--qk_norm"])
     assert cfg.width == 384 and cfg.img_size == 64 and cfg.qk_norm is True
@@ -594,7 +675,7 @@ MDC_MISTAKES = [
     (["--resume", "--steps=4", "--max_len=12", "--out_dir={run}"], "--max_len=16, this run has --max_len=12"),
     (["--resume", "--steps=4", "--objective=ar", "--out_dir={run}"], "--objective='mdc', this run has --objective='ar'"),
     (["--resume", "--steps=2", "--out_dir={run}"], "already at step 2 of --steps=2"),
-    (["--alias=3"], "fits --max_len=16"), (["--alias=2", "--order=shape_first"], "16 words and [EOS]"),
+    (["--alias=3"], "fits --max_len=16"), (["--alias=2", "--order=shape_first"], "16 words and [EOS]"), (["--dtype=fp16"], "--dtype='fp16'"),
     (["--alias=4", "--max_len=32"], "in 0..3"), (["--alias=1", "--data=csv:/x.csv"], "0 unless --data=shapes"),
     (["--alias_loss=false", "--alias=2"], "--objective=ar"), (["--alias_loss=false", "--objective=ar"], "--alias > 0"),
 ]
@@ -624,12 +705,16 @@ def test_a_command_line_mistake_is_one_line_and_status_2(argv, names, tmp_path, 
 
 PROBE_MISTAKES = [(["--ckpt=/missing.pt"], "--ckpt=/missing.pt"), (["--ckpt=random", "--K=0"], "--K=0"),
                   (["--ckpt={junk}"], "is not a checkpoint"), (["--ckpt=random", "--dataset=imagefolder:/nope"], "/nope/train"),
-                  (["--ckpt=random", "--dataset=mnist"], "'mnist'"), (["--bogus"], "--bogus"), ([], "--ckpt")]
+                  (["--ckpt=random", "--dataset=mnist"], "'mnist'"), (["--bogus"], "--bogus"), ([], "--ckpt"),
+                  (["--ckpt=random", "--num_workers=-1"], "--num_workers=-1"), (["--ckpt=random", "--dtype=fp16"], "'fp16'"),
+                  (["--ckpt={junk}", "--export_timm={tmp}/vit.pt"], "is not a checkpoint"),
+                  (["--ckpt={junk}", "--export_timm={tmp}/no/such/folder/vit.pt"], "/no/such/folder/vit.pt"),
+                  (["--ckpt=random", "--export_timm={tmp}/vit.pt"], "needs exactly one --ckpt=CHECKPOINT")]
 
 
 @pytest.mark.parametrize("argv, names", PROBE_MISTAKES, ids=[" ".join(a) for a, _ in PROBE_MISTAKES])
 def test_a_probe_command_line_mistake_is_one_line_and_status_2(argv, names, tmp_path, capsys):
-    argv = [a.format(junk=write_junk(tmp_path / "junk.pt")) for a in argv]
+    argv = [a.format(junk=write_junk(tmp_path / "junk.pt"), tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as e:
         data.command_line(probe.main, argv, "probe.py")
     err = capsys.readouterr().err.strip()
@@ -1347,6 +1432,73 @@ def test_imagefolder_probe_classes_and_cap(tmp_path):
         assert color_of(x) == COLORS[int(sub[1].classes[y][-1])]
 
 
+def jpeg_tree(root, n_per_class=8, classes=("a", "b", "c")):
+    """ROOT/train/<class>/*.jpg: noise photos in a few shapes (portrait, landscape, square), under 512 px
+    so that PIL's JPEG draft decodes them at full scale; and one corrupt file in class b."""
+    rng = np.random.default_rng(0)
+    sizes = [(300, 260), (260, 330), (256, 256), (341, 299)]
+    for c in classes:
+        os.makedirs(f"{root}/train/{c}")
+        for k in range(n_per_class):
+            w, h = sizes[k % len(sizes)]
+            small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)    # smooth enough to matter under a crop
+            Image.fromarray(small).resize((w, h), Image.BILINEAR).save(f"{root}/train/{c}/{k}.jpg", quality=90)
+    (root / "train" / "b" / "3b.jpg").write_bytes(b"not a jpeg")
+    return sorted(str(p) for p in (root / "train").glob("*/*.jpg"))
+
+
+@pytest.mark.parametrize("size", [224, 16])
+def test_a_streamed_imagefolder_gives_the_features_of_the_images_decoded_in_memory(size, tmp_path, capsys):
+    """probe_batches (DataLoader workers, batch by batch) against the old way: every image decoded into one
+    array first, then the features. At 224 px the decode is torchvision's evaluation transform (Resize(256)
+    bicubic, CenterCrop(224)), an independent implementation; below 224 PIL's ImageOps.fit, as before."""
+    from PIL import ImageOps
+    import torchvision.transforms as T
+    files = [f for f in jpeg_tree(tmp_path) if not f.endswith("3b.jpg")]            # sorted: class, then name
+    labels = torch.tensor(["abc".index(f.split(os.sep)[-2]) for f in files])
+    if size == 224:
+        tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+        decode = lambda f: np.asarray(tf(Image.open(f).convert("RGB")))
+    else:
+        def decode(f):
+            im = Image.open(f)
+            im.draft("RGB", (size, size))
+            return np.asarray(ImageOps.fit(im.convert("RGB"), (size, size), Image.BICUBIC))
+    old = torch.from_numpy(np.stack([decode(f) for f in files])).permute(0, 3, 1, 2)   # (N, 3, S, S) uint8
+    ds = data.probe_dataset(f"imagefolder:{tmp_path}", "train", img_size=size)
+    assert isinstance(ds, data.FolderImages) and len(ds) == len(files) + 1           # nothing decoded yet
+    cfg = mdc.parse_args([f"--img_size={size}", f"--patch_size={min(size, 32) // 2}", "--width=32", "--enc_depth=1", "--heads=2"])
+    enc = probe.random_encoder(cfg, 0, torch.device("cpu"))
+    x, y = probe.extract(enc.features, ds, size, torch.device("cpu"), batch_size=5, num_workers=2)
+    assert "skipped 1 of 25 images: could not decode" in capsys.readouterr().err
+    ref, yref = probe.extract(enc.features, data.ImageLabels(old, labels, 3, "old"), size, torch.device("cpu"), batch_size=64)
+    assert torch.equal(y, labels) and torch.equal(yref, labels)                      # same order, corrupt file's label gone
+    assert torch.allclose(x, ref, atol=1e-5), (x - ref).abs().max()
+    imgs, _ = data.dataset_tensors(ds, torch.arange(10))                             # the pixels themselves, first 10 files
+    assert torch.equal(imgs, old[:10])
+
+
+def test_imagenet100_is_cmcs_100_classes_and_restricts_a_tree(tmp_path):
+    wnids = data.CLASS_LISTS["imagenet100"]
+    assert len(wnids) == len(set(wnids)) == 100 and all(re.fullmatch(r"n\d{8}", w) for w in wnids)
+    # CMC's imagenet100.txt (github.com/HobbitLong/CMC): its first two and last lines, in its order
+    assert wnids[:2] == ["n02869837", "n01749939"] and wnids[-1] == "n02090622"
+    others = ["n01440764", "n01443537"]                                  # ImageNet-1k classes outside the subset
+    for split in ("train", "val"):
+        for i, w in enumerate(wnids + others):
+            png(f"{tmp_path}/{split}/{w}/0.png", (i, 0, 0), size=(4, 4))   # the red channel names the folder
+    ds = data.probe_dataset(f"imagenet:{tmp_path}", "val", img_size=4, classes="imagenet100")
+    assert ds.classes == sorted(wnids) and ds.n_classes == 100 and len(ds) == 100
+    for x, y in ds:
+        assert (wnids + others)[color_of(x)[0]] == ds.classes[y]
+    few = tmp_path / "few"
+    for w in wnids[:3] + others:
+        png(f"{few}/train/{w}/0.png", (0, 0, 0))
+        png(f"{few}/val/{w}/0.png", (0, 0, 0))
+    with pytest.raises(data.UsageError, match="--classes=imagenet100: 97 classes not in"):
+        data.probe_dataset(f"imagenet:{few}", "train", classes="imagenet100")
+
+
 def test_cifar_offline_message(tmp_path, monkeypatch):
     import torchvision
     def offline(*a, **k):
@@ -1622,6 +1774,66 @@ def test_feature_cache_hit_returns_identical_features(tmp_path):
     assert len(calls) == 1                                # the second call never touched the encoder
     assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (40, 32)
     assert probe.cache_key(encoder={"random": 1}, spec="shapes", split="test", img_size=16) != key
+
+
+# -----------------------------------------------------------------------------
+# The encoder in timm (optional: these skip where timm is not installed)
+
+
+def timm_features(d, imgs):
+    """Pooled features of the timm model described by an export d, on images in [0, 1]."""
+    import timm
+    m = timm.create_model(d["model_name"], pretrained=False, **d["kwargs"]).eval()
+    m.load_state_dict(d["state_dict"])                                  # strict
+    with torch.no_grad():
+        return m.forward_head(m.forward_features((imgs - d["mean"]) / d["std"]), pre_logits=True)
+
+
+@pytest.mark.parametrize("preset, extra, scale", [("tiny", [], 1.0), ("tiny", ["--qk_norm"], 0.01), ("small", [], 1.0)],
+                         ids=["tiny", "tiny-qk_norm-small-activations", "small"])
+def test_the_timm_export_gives_the_encoders_features(preset, extra, scale):
+    """Every weight perturbed (so a bias or a norm mapped to the wrong place shows), and in one case the
+    residual stream scaled down 100x, where LayerNorm's eps (1e-5 here, 1e-6 in timm) would be off by
+    0.1 if the export did not account for it (at full scale by about 2e-5, under the 1e-4 asked for)."""
+    pytest.importorskip("timm")
+    cfg = mdc.parse_args([f"--model={preset}", *extra])
+    enc = probe.random_encoder(cfg, 0, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for t in (enc.patch.weight, enc.patch.bias, enc.pos):
+            t.mul_(scale)
+    imgs = torch.rand(2, 3, cfg.img_size, cfg.img_size, generator=g)
+    with torch.no_grad():
+        want = enc.features(imgs)                                         # (2, D)
+    got = timm_features(probe.timm_export(enc, cfg), imgs)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4, (got - want).abs().max()
+
+
+def test_export_timm_writes_plain_values_that_load_weights_only(two_step_run, tmp_path, capsys):
+    path = tmp_path / "vit.pt"
+    probe.main([f"--ckpt={two_step_run / 'ckpt.pt'}", f"--export_timm={path}"])
+    assert f"wrote {path}" in capsys.readouterr().out
+    d = torch.load(path, weights_only=True)                            # tensors, numbers, strings only
+    assert {"model_name", "kwargs", "state_dict", "mean", "std"} <= set(d) and d["step"] == 2
+
+    def plain(v):  # what can go into timm.create_model(**kwargs) from a file: no classes, no functions
+        if isinstance(v, (tuple, list)):
+            return all(map(plain, v))
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return v is None or isinstance(v, (bool, int, float, str))
+    assert plain(d["kwargs"]) and d["kwargs"]["class_token"] is False and d["kwargs"]["global_pool"] == "avg"
+    model, cfg, _, _ = mdc.load_checkpoint(str(two_step_run / "ckpt.pt"))
+    assert d["kwargs"]["embed_dim"] == cfg.width and d["kwargs"]["depth"] == cfg.enc_depth
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return
+    imgs = torch.rand(3, 3, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        assert (timm_features(d, imgs) - model.encoder.features(imgs)).abs().max() < 1e-4
 
 
 # -----------------------------------------------------------------------------
