@@ -28,6 +28,7 @@ Speed: `python probe.py --bench` times the L-BFGS sweep on 50,000 x 384 features
 Imports run one way: probe -> mdc -> data (mdc.py reaches quick_probe from its command line only).
 """
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -1220,8 +1221,8 @@ def parse(argv):
                    help="imagefolder/imagenet: DataLoader workers that decode the images (0 = in this process)")
     p.add_argument("--json", default=None, help="write the results and each checkpoint's config here")
     p.add_argument("--plot_vs", default=None, help="no probing: plot --metrics of the --from_json results against this "
-                                                   "config field (e.g. tie) into --plot")
-    p.add_argument("--from_json", action="append", default=[], help="a results file of an earlier --json; repeatable")
+                                                   "config field (e.g. tie, or step) into --plot")
+    p.add_argument("--from_json", action="append", default=[], help="a results file of an earlier --json, or a quoted pattern of them ('results/default/*.json'); repeatable")
     p.add_argument("--metrics", default="ridge top1", help="--plot_vs, --summary: comma-separated metric names, e.g. 'ridge top1,signal shape word'")
     p.add_argument("--summary", default=None, help="no probing: n, mean, sd and 95%% interval of --metrics over the seeds of the "
                                                    "--from_json runs, per group of these comma-separated flags (e.g. objective,t_min)")
@@ -1242,6 +1243,9 @@ def parse(argv):
             p.error(f"--{name}={getattr(a, name)} is out of range")
     if missing := [c for c in a.ckpt if c != "pixels" and not re.fullmatch(r"random(:\d+)?", c) and not os.path.isfile(c)]:
         p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, or random / random:SEED / pixels)")
+    # --from_json takes files or quoted patterns ('results/default/*.json'), expanded here in sorted order
+    a.from_json = [f for pat in a.from_json for f in (sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat])
+                   or p.error(f"--from_json={pat}: no file matches")]
     a.diff = [(f, *ab.split(",", 1)) for f, _, ab in (d.partition(":") for d in a.diff)]
     if any(len(d) != 3 for d in a.diff):
         p.error("--diff expects FLAG:A,B, e.g. --diff=objective:mdc,ar")

@@ -2086,7 +2086,7 @@ def test_summary_means_intervals_and_paired_contrasts_against_hand_computations(
     for k, r in enumerate(res):
         probe.save_json(tmp_path / f"{k}.json", r)
     probe.main(["--summary=objective,alias", "--diff=alias:2,0", "--diff=objective:mdc,ar", "--metrics=ridge top1",
-                f"--from_json={tmp_path / '0.json'}", f"--from_json={tmp_path / '1.json'}"])
+                f"--from_json={tmp_path / '*.json'}"])                                  # a pattern: both files
     out = capsys.readouterr().out
     n, m, sd, h = by_hand([8, 7, 4])
     assert f"| 3 | +{m:.1f} | {sd:.1f} | +{m:.1f} ± {h:.1f} [+{m - h:.1f}, +{m + h:.1f}] | yes |" in out, out
