@@ -2024,9 +2024,9 @@ def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_
 def test_quick_probe_uses_one_set_of_probe_scenes_for_every_seed_and_averages_the_floor(monkeypatch):
     import functools
     monkeypatch.setattr(data, "shapes_probe", functools.partial(data.shapes_probe, n_train=300, n_test=100))
-    seeds, inits, real_dataset, real_random = [], [], data.probe_dataset, probe.random_encoder
+    seeds, inits, real_dataset, real_random = [], [], data.probe_dataset, mdc.random_encoder
     monkeypatch.setattr(data, "probe_dataset", lambda spec, split, size, root, seed: seeds.append(seed) or real_dataset(spec, split, size, root, seed))
-    monkeypatch.setattr(probe, "random_encoder", lambda cfg, s, dev: inits.append(s) or real_random(cfg, s, dev))
+    monkeypatch.setattr(mdc, "random_encoder", lambda cfg, s, dev: inits.append(s) or real_random(cfg, s, dev))
     out = {}
     for seed in (3, 7):
         cfg = tiny_cfg(f"--seed={seed}", "--probe=shapes")
