@@ -1284,6 +1284,7 @@ def quick_probe(model, cfg):
     return out
 
 
+@torch.no_grad()
 def extract(featurize, ds, size, device, batch_size=256, desc="features", num_workers=0, dtype="auto"):
     """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset batch by batch
     (data.probe_batches: an ImageFolder is decoded by num_workers DataLoader workers as it goes, never
