@@ -784,12 +784,14 @@ def metric_value(m, metric, objective=None):
 def run_rows(results, metric):
     """[(flags, seed, value)] of one metric over the encoders of many results dicts. A checkpoint's
     flags are its config; a floor's are {"objective": "random"} or {"objective": "pixels"} with
-    its init seed (--ckpt=random:S), so the floors are groups of their own."""
-    rows = []
+    its init seed (--ckpt=random:S), so the floors are groups of their own. A flag that a result's
+    config lacks was added to Config after the run, and takes its default: a new flag's default is
+    the behaviour the code had before it (a run from before --hide_length is one with it off)."""
+    rows, defaults = [], asdict(mdc.Config())
     for r in results:
         for e in r["encoders"]:
             if e["kind"] == "ckpt":   # the step of the checkpoint is a flag too (--keep_ckpts: a run along training)
-                flags, seed = {**e["config"], "step": e.get("step")}, e["config"]["seed"]
+                flags, seed = {**defaults, **e["config"], "step": e.get("step")}, e["config"]["seed"]
             else:
                 flags, seed = {"objective": e["kind"]}, e.get("init_seed", 0)
             if (v := metric_value(e["metrics"], metric, e.get("objective"))) is not None:

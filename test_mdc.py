@@ -2091,6 +2091,9 @@ def test_summary_means_intervals_and_paired_contrasts_against_hand_computations(
     # the interaction: (mdc2 - mdc0) - (ar2 - ar0) per seed -> 8, 7, 4
     i = probe.summarize(res, ["objective", "alias"], "ridge top1", [("alias", "2", "0"), ("objective", "mdc", "ar")])
     assert close(i[()][0], by_hand([8, 7, 4]))
+    old = [{"encoders": [{**e, "config": {k: v for k, v in e["config"].items() if (k, v) != ("alias", 0)}}
+                         for e in r["encoders"]]} for r in res]   # alias 0 written before --alias existed: its default
+    assert probe.summarize(old, ["objective", "alias"], "ridge top1") == groups
     z = probe.summarize(res, ["objective"], "zero-shot")                                # per-rule: the objective's rule
     assert close(z[("ar",)][0], by_hand([25.5, 35.5, 38.5, 49.5]))
     for k, r in enumerate(res):
