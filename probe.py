@@ -53,7 +53,6 @@ from mdc import (  # the end-of-run probe of python mdc.py and the pieces it sha
 # Features: frozen encoder -> (N, D), extracted once, cached on disk
 
 
-@torch.no_grad()
 def cache_key(**parts):
     """A file name from everything that changes the features: which encoder (a checkpoint's path,
     size and mtime, or a random init's config and seed), dataset, split, size, subset."""
