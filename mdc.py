@@ -95,6 +95,7 @@ class Config:
     weight_decay: float = 0.05  # AdamW decay, not on norms, biases and embeddings
     beta2: float = 0.95         # AdamW second-moment decay
     grad_clip: float = 1.0      # max gradient norm; 0 = no clipping (the norm is still logged)
+    ema: float = 0.0            # decay of a moving average of the weights kept beside them (0 = none; probe.py --ckpt=ema:PATH)
     # evaluation, logging, checkpoints
     eval_every: int = 400       # validation loss every so many steps (0 = never)
     ckpt_every: int = 400       # checkpoint every so many steps (always at the end)
@@ -862,6 +863,19 @@ def lr_at(step, cfg):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
 
+@torch.no_grad()
+def ema_update(ema, model, decay, step):
+    """ema <- d * ema + (1 - d) * weights, in place, over every floating tensor of model.state_dict()
+    (the others copied). d = min(decay, (1 + step) / (10 + step)): the ramp (timm's ModelEmaV3) keeps
+    the random init from lingering in the average of a short run. Training does not see it."""
+    d = min(decay, (1 + step) / (10 + step))
+    for k, w in model.state_dict().items():
+        if w.is_floating_point():
+            ema[k].lerp_(w, 1 - d)
+        else:
+            ema[k].copy_(w)
+
+
 def make_optimizer(model, cfg, device):
     """AdamW; no weight decay on norms, biases, embeddings, positional tables and the mask token
     (1-D or lookup). Frozen parameters (milan's teacher, --freeze_encoder) are left out."""
@@ -972,6 +986,9 @@ def train(cfg, callback=None):
     opt = make_optimizer(model, cfg, device)
     os.makedirs(cfg.out_dir, exist_ok=True)
     start = resume(ckpt, ckpt_path, model, opt, tok, master) if cfg.resume else 0
+    ema = None  # {name: tensor}, the moving average of model.state_dict() (--ema)
+    if cfg.ema:
+        ema = {k: v.to(device) for k, v in ckpt["ema"].items()} if cfg.resume else {k: v.clone() for k, v in model.state_dict().items()}
     if master:
         print(f"tokenizer: {len(tok)} words; " + data.truncation_report(caps, cfg.max_len))
         print(f"{cfg.objective} | {cfg.model}: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M "
@@ -996,6 +1013,8 @@ def train(cfg, callback=None):
     for step in range(start, end):
         imgs, x = device_batch(*next(stream), tok, cfg, step, rank, world)
         loss, gnorm = train_step(train_model, opt, imgs, x, step, cfg, rank, world)
+        if ema is not None:
+            ema_update(ema, model, cfg.ema, step)
         losses.append(loss)
         norms.append(gnorm)
         seen += cfg.batch_size
@@ -1025,9 +1044,9 @@ def train(cfg, callback=None):
         if callback:
             callback(row)
         if done % cfg.ckpt_every == 0 or done == end:
-            save_checkpoint(ckpt_path, model, opt, cfg, tok, done)
+            save_checkpoint(ckpt_path, model, opt, cfg, tok, done, ema)
             if cfg.keep_ckpts:  # the model alone: enough to probe, a fifth of the size
-                save_checkpoint(os.path.join(cfg.out_dir, f"step{done}.pt"), model, None, cfg, tok, done)
+                save_checkpoint(os.path.join(cfg.out_dir, f"step{done}.pt"), model, None, cfg, tok, done, ema)
     bar.close()
     if world > 1:
         check_ranks_in_sync(model, master)
@@ -1043,10 +1062,10 @@ def train(cfg, callback=None):
 # Checkpoints and resume
 
 
-def save_checkpoint(path, model, opt, cfg, tok, step):
+def save_checkpoint(path, model, opt, cfg, tok, step, ema=None):
     """Plain tensors, numbers and strings only, so torch.load(..., weights_only=True) reads it.
     Written to a temporary file and renamed: a crash never leaves half a checkpoint."""
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None,
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None, "ema": ema,
             "config": asdict(cfg), "vocab": tok.itos, "step": step,
             "rng": torch.get_rng_state(), "torch_version": str(torch.__version__),
             "teacher_config": asdict(model.teacher_cfg) if hasattr(model, "teacher_cfg") else None}  # milan
@@ -1087,14 +1106,17 @@ def config_of(ckpt):
     return Config(**ckpt["config"])
 
 
-def load_checkpoint(path, device="cpu"):
-    """-> (model in eval mode, Config, Tokenizer, checkpoint dict)."""
+def load_checkpoint(path, device="cpu", ema=False):
+    """-> (model in eval mode, Config, Tokenizer, checkpoint dict); with ema, the model holds the
+    moving average of its weights (a run trained with --ema)."""
     ckpt = read_checkpoint(path, device)
     cfg = config_of(ckpt)
     tok = data.Tokenizer(ckpt["vocab"])
     teacher_cfg = Config(**ckpt["teacher_config"]) if ckpt.get("teacher_config") else None   # milan
     model = build_model(cfg, len(tok), teacher_cfg=teacher_cfg).to(device)
-    model.load_state_dict(ckpt["model"])
+    if ema and not ckpt.get("ema"):
+        raise UsageError(f"{path} has no moving average of its weights: it was trained without --ema")
+    model.load_state_dict(upgrade_state(ckpt["ema"], cfg.objective) if ema else ckpt["model"])
     return model.eval(), cfg, tok, ckpt
 
 
@@ -1111,6 +1133,10 @@ def load_teacher(cfg, device):
                          f"this run has {cfg.img_size} and {cfg.patch_size}: they must match")
     return clip, tcfg
 
+
+# the flags that do not change the trained weights (probe.py does not tell runs apart by them)
+BOOKKEEPING = ("out_dir", "resume", "stop_after", "eval_every", "ckpt_every", "keep_ckpts", "log_every", "probe", "data_root",
+               "num_workers", "device", "compile", "bench", "bench_steps", "sample_steps", "sample_order", "ema")
 
 # the flags a --resume may change: how long and how the run goes on, not what it trains
 RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval_every", "ckpt_every", "keep_ckpts", "log_every",
@@ -1440,7 +1466,7 @@ def check_config(c):
         ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"),
         ("val_frac", 0 <= c.val_frac < 1, "in [0, 1)"),
         ("warmup", 0 <= c.warmup <= 1, "a fraction of the steps, in [0, 1]"),
-        ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"),
+        ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"), ("ema", 0 <= c.ema < 1, "in [0, 1) (0 = no moving average)"),
         ("lr", c.lr > 0, "> 0"),
         ("batch_size", c.batch_size >= 1, ">= 1 (the global batch)"),
         ("steps", c.steps >= 1, ">= 1"),

@@ -686,16 +686,17 @@ def sweep_points(results, field, metric):
     {their values: {field value: [metric over seeds]}}; {floor kind: metric}), accuracies in %."""
     encs = [e for r in results for e in r["encoders"]]
     runs = [e for e in encs if e["kind"] == "ckpt"]
-    fixed = (field, "seed", "out_dir", "resume", "stop_after")
-    varying = [k for k in (runs[0]["config"] if runs else ()) if k not in fixed
-               and len({json.dumps(e["config"].get(k)) for e in runs}) > 1]
+    defaults = asdict(mdc.Config())
+    flags = [run_flags(e, defaults) for e in runs]
+    fixed = (field, "seed", "step") + mdc.BOOKKEEPING   # runs differ by what was trained, not by how it was logged
+    varying = [k for k in (flags[0] if flags else ()) if k not in fixed and len({json.dumps(f.get(k)) for f in flags}) > 1]
     scale = 1 if metric in RAW else 100
     value = lambda v: next(iter(v.values()), None) if isinstance(v, dict) else v    # per-rule metrics: the first rule
     groups = {}
-    for e in runs:
+    for e, f in zip(runs, flags):
         if (v := value(e["metrics"].get(metric))) is not None:
-            key = tuple(e["config"].get(k) for k in varying)
-            x = e.get("step") if field == "step" else e["config"][field]   # step: checkpoints along one run (--keep_ckpts)
+            key = tuple(f.get(k) for k in varying)
+            x = f[field]   # step: checkpoints along one run (--keep_ckpts)
             groups.setdefault(key, {}).setdefault(x, []).append(scale * v)
     floor_runs = {}
     for e in encs:
@@ -780,6 +781,13 @@ def metric_value(m, metric, objective=None):
     return None if v is None else v if metric in RAW else 100 * v
 
 
+def run_flags(e, defaults):
+    """The flags of one checkpoint's result: its config (a flag added to Config after the run takes its
+    default), the step of the checkpoint (--keep_ckpts: a run along training) and which weights were
+    probed (final, or ema: the moving average of --ema)."""
+    return {**defaults, **e["config"], "step": e.get("step"), "weights": e.get("weights", "final")}
+
+
 def run_rows(results, metric):
     """[(flags, seed, value)] of one metric over the encoders of many results dicts. A checkpoint's
     flags are its config; a floor's are {"objective": "random"} or {"objective": "pixels"} with
@@ -789,8 +797,8 @@ def run_rows(results, metric):
     rows, defaults = [], asdict(mdc.Config())
     for r in results:
         for e in r["encoders"]:
-            if e["kind"] == "ckpt":   # the step of the checkpoint is a flag too (--keep_ckpts: a run along training)
-                flags, seed = {**defaults, **e["config"], "step": e.get("step")}, e["config"]["seed"]
+            if e["kind"] == "ckpt":
+                flags, seed = run_flags(e, defaults), e["config"]["seed"]
             else:
                 flags, seed = {"objective": e["kind"]}, e.get("init_seed", 0)
             if (v := metric_value(e["metrics"], metric, e.get("objective"))) is not None:
@@ -814,7 +822,8 @@ def summarize(results, by, metric, diffs=()):
     """Per group of the `by` flags: (n, mean, sd, 95% half-width) of metric over its seeds. With diffs
     [(flag, a, b), ...]: the paired contrast instead, per group of the `by` flags that are not contrasted
     and per seed that has every cell: A - B for one diff, (A1 - B1) - (A2 - B2) (the interaction) for two.
-    Returns {group tuple: (stats, {seed: value})}."""
+    Runs of one seed that the named flags do not tell apart are averaged first (name the flags to keep
+    them apart). Returns {group tuple: (stats, {seed: value})}."""
     rows = run_rows(results, metric)
     key = lambda flags: tuple(flags.get(f, "-") for f in by if f not in [d[0] for d in diffs])
     if not diffs:
@@ -830,8 +839,10 @@ def summarize(results, by, metric, diffs=()):
             signs.append(1 if f in flags and same(flags[f], a) else -1 if f in flags and same(flags[f], b) else 0)
         if 0 in signs:
             continue
-        cell = tuple(signs)
-        contrast.setdefault(key(flags), {}).setdefault(seed, {})[cell] = float(np.prod(signs)) * v
+        contrast.setdefault(key(flags), {}).setdefault(seed, {}).setdefault(tuple(signs), []).append(v)
+    for per_seed in contrast.values():   # a seed's runs in one cell are averaged first, as without diffs
+        for c in per_seed.values():
+            c.update({cell: float(np.prod(cell)) * float(np.mean(vs)) for cell, vs in c.items()})
     out = {}
     for k, per_seed in contrast.items():
         full = {s: sum(c.values()) for s, c in per_seed.items() if len(c) == 2 ** len(diffs)}  # every cell present
@@ -864,18 +875,21 @@ def summary_table(results, by, metric, diffs=()):
 
 
 def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
-    """--ckpt values -> list of dicts (name, kind, cfg, encoder, key; a checkpoint also model, tok, step). A checkpoint
-    keeps its decoder for scoring; 'random' copies the first checkpoint's config (else the preset)."""
+    """--ckpt values -> list of dicts (name, kind, cfg, encoder, key; a checkpoint also model, tok, step, weights). A
+    checkpoint keeps its decoder for scoring; ema:PATH loads the moving average of its weights (--ema) instead of
+    the weights; 'random' copies the first checkpoint's config (else the preset)."""
     encs, ref = [], None
     for s in specs:
         if s in ("random", "pixels") or re.fullmatch(r"random:\d+", s):   # random:S = the init of seed S
             kind, _, init = s.partition(":")
             encs.append(dict(name=s, kind=kind, init_seed=int(init) if init else seed))
             continue
-        model, cfg, tok, ckpt = mdc.load_checkpoint(s, device)
-        st = os.stat(s)
+        weights, path = ("ema", s[4:]) if s.startswith("ema:") else ("final", s)
+        model, cfg, tok, ckpt = mdc.load_checkpoint(path, device, ema=weights == "ema")
+        st = os.stat(path)
+        key = dict(path=os.path.abspath(path), size=st.st_size, mtime=st.st_mtime_ns, **({"weights": "ema"} if weights == "ema" else {}))
         encs.append(dict(name=s, kind="ckpt", cfg=cfg, model=model, tok=tok, encoder=model.encoder, step=ckpt.get("step"),
-                         key=dict(path=os.path.abspath(s), size=st.st_size, mtime=st.st_mtime_ns)))
+                         weights=weights, key=key))
         ref = ref or cfg
     if ref is None:
         ref = mdc.parse_args([f"--model={preset}"] + ([f"--img_size={img_size}"] if img_size else []))
@@ -965,8 +979,9 @@ def timm_export(enc, cfg):
 
 
 def export_timm(ckpt, path):
-    """--export_timm: write timm_export of a checkpoint's encoder to path (torch.save, loads with weights_only)."""
-    model, cfg, _, meta = mdc.load_checkpoint(ckpt)
+    """--export_timm: write timm_export of a checkpoint's encoder (ema:PATH: its --ema weights) to path
+    (torch.save, loads with weights_only)."""
+    model, cfg, _, meta = mdc.load_checkpoint(ckpt.removeprefix("ema:"), ema=ckpt.startswith("ema:"))
     torch.save({**timm_export(model.encoder, cfg), "step": meta.get("step")}, path)
     print(f"wrote {path}: the encoder of {ckpt} (step {meta.get('step')}) for timm.create_model; README.md says how to load it")
 
@@ -1053,7 +1068,7 @@ def bench(n=50_000, d=384, c=100, device="cpu"):
 
 def parse(argv):
     p = data.ArgumentParser(prog="probe.py", description="linear probe, zero-shot, compositionality and retrieval of encoders")
-    p.add_argument("--ckpt", action="append", default=[], help="checkpoint path, or 'random' / 'pixels'; repeatable")
+    p.add_argument("--ckpt", action="append", default=[], help="checkpoint path, ema:PATH (its --ema weights), 'random', 'random:SEED' or 'pixels'; repeatable")
     p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK], cifar10, cifar100, imagefolder:ROOT, "
                    "imagenet:ROOT (read batch by batch; at 224 px and above short side to 256, centre crop 224)")
     p.add_argument("--data_root", default="data")
@@ -1113,8 +1128,8 @@ def parse(argv):
                      ("img_size", a.img_size >= 0), ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
         if not ok:
             p.error(f"--{name}={getattr(a, name)} is out of range")
-    if missing := [c for c in a.ckpt if c != "pixels" and not re.fullmatch(r"random(:\d+)?", c) and not os.path.isfile(c)]:
-        p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, or random / random:SEED / pixels)")
+    if missing := [c for c in a.ckpt if c != "pixels" and not re.fullmatch(r"random(:\d+)?", c) and not os.path.isfile(c.removeprefix("ema:"))]:
+        p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, ema:PATH, or random / random:SEED / pixels)")
     # --from_json takes files or quoted patterns ('results/default/*.json'), expanded here in sorted order
     a.from_json = [f for pat in a.from_json for f in (sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat])
                    or p.error(f"--from_json={pat}: no file matches")]
@@ -1216,7 +1231,8 @@ def main(argv):
                     m.update(caption_signal(model, cfg, tok, val, args.n_eval, args.K, args.seed, args.batch_size))
         log(f"done in {time.perf_counter() - t0:.0f} s")
         results["encoders"].append(dict(name=e["name"], kind=e["kind"], objective=cfg.objective if e["kind"] == "ckpt" else None,
-                                        step=e.get("step"), init_seed=e.get("init_seed"), config=asdict(cfg), metrics=m))
+                                        step=e.get("step"), init_seed=e.get("init_seed"), config=asdict(cfg), metrics=m,
+                                        **({"weights": e["weights"]} if e["kind"] == "ckpt" else {})))
     parts = [f"zero-shot on {args.n_eval} images"] if do_zs else []
     parts += [f"compositionality on {args.n_eval} {captions} val captions"] if do_comp else []
     parts += [f"retrieval on {args.n_retrieval} {captions} val pairs"] if do_ret else []

@@ -744,6 +744,42 @@ def test_resume_may_change_steps_and_lr(tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
 
 
+def test_ema_update_is_a_moving_average_with_a_ramp():
+    """ema <- d ema + (1 - d) w with d = min(decay, (1 + step) / (10 + step)); integer buffers are copied."""
+    m = nn.Linear(1, 1)
+    m.register_buffer("count", torch.tensor(3))
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    ema = {"weight": torch.zeros(1, 1), "bias": m.bias.detach().clone(), "count": torch.tensor(0)}
+    mdc.ema_update(ema, m, 0.99, 0)                   # d = 1/10
+    assert abs(ema["weight"].item() - 0.9) < 1e-7 and ema["count"].item() == 3
+    mdc.ema_update(ema, m, 0.5, 100)                  # the ramp has passed 0.5: d = 0.5
+    assert abs(ema["weight"].item() - 0.95) < 1e-7
+
+
+def test_ema_is_kept_beside_the_weights_changes_no_training_and_resumes(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run_train(a, "--steps=6")
+    run_train(b, "--steps=6", "--ema=0.9", "--keep_ckpts", "--ckpt_every=3")
+    run_train(c, "--steps=6", "--ema=0.9", "--stop_after=3")
+    run_train(c, "--steps=6", "--ema=0.9", "--resume")
+    pa, cb, cc = params(a / "ckpt.pt"), torch.load(b / "ckpt.pt", weights_only=True), torch.load(c / "ckpt.pt", weights_only=True)
+    assert torch.load(a / "ckpt.pt", weights_only=True)["ema"] is None
+    for k in pa:   # the average is only watched: the weights are those of the run without it
+        assert torch.allclose(pa[k], cb["model"][k], atol=1e-6), k
+        assert torch.allclose(cb["ema"][k].float(), cc["ema"][k].float(), atol=1e-6), k   # resumed: the same average
+    assert torch.load(b / "step3.pt", weights_only=True)["ema"] is not None
+    ema_model = mdc.load_checkpoint(str(b / "ckpt.pt"), ema=True)[0]
+    assert not torch.equal(ema_model.state_dict()["encoder.patch.weight"], cb["model"]["encoder.patch.weight"])
+    assert torch.equal(ema_model.state_dict()["encoder.patch.weight"], cb["ema"]["encoder.patch.weight"])
+    with pytest.raises(data.UsageError, match="without --ema"):
+        mdc.load_checkpoint(str(a / "ckpt.pt"), ema=True)
+    with pytest.raises(data.UsageError, match="--ema"):   # what is averaged is part of what the run is
+        run_train(a, "--steps=8", "--ema=0.9", "--resume")
+    with pytest.raises(data.UsageError, match="--ema"):
+        tiny_cfg("--ema=1")
+
+
 # -----------------------------------------------------------------------------
 # masked-image objectives: mae, umd, milan, rils
 MIM = ["mae", "umd", "milan", "rils"]
@@ -2031,6 +2067,38 @@ def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_
     assert open(tmp_path / "vs.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runs_that_differ_only_in_bookkeeping_are_one_line_and_ema_weights_another(tmp_path):
+    """Flags that do not change the trained weights (mdc.BOOKKEEPING: checkpoint interval, --ema, ...)
+    do not split a sweep; the probed weights (final or ema) do, in the figures and in --summary."""
+    base = mdc.asdict(tiny_cfg())
+    run = lambda seed, acc, weights="final", **cfg: dict(name=f"r{seed}{weights}", kind="ckpt", objective="mdc", step=640, weights=weights,
+                                                         metrics={"ridge top1": acc}, config={**base, "seed": seed, **cfg})
+    res = [{"encoders": [run(0, 0.6, ckpt_every=80), run(1, 0.7, ckpt_every=160, ema=0.99), run(0, 0.5, t_min=0.75),
+                         run(1, 0.8, "ema", ema=0.99, ckpt_every=160)]}]
+    varying, groups, _ = probe.sweep_points(res, "t_min", "ridge top1")
+    assert varying == ["weights"] and groups == {("final",): {0.5: [60.0, 70.0], 0.75: [50.0]}, ("ema",): {0.5: [80.0]}}
+    d = probe.summarize(res, ["weights", "t_min"], "ridge top1", [("weights", "ema", "final")])
+    assert list(d) == [(0.5,)] and d[(0.5,)][1] == {1: 10.0}      # seed 1 alone has both
+
+
+def test_probe_reads_the_ema_weights_of_a_checkpoint(tmp_path):
+    run_train(tmp_path, "--steps=3", "--ema=0.5")
+    path = str(tmp_path / "ckpt.pt")
+    final, ema = probe.load_encoders([path, f"ema:{path}"])
+    assert (final["weights"], ema["weights"], ema["name"]) == ("final", "ema", f"ema:{path}") and final["key"] != ema["key"]
+    want = torch.load(path, weights_only=True)["ema"]
+    assert torch.equal(ema["encoder"].patch.weight, want["encoder.patch.weight"])
+    assert not torch.equal(final["encoder"].patch.weight, ema["encoder"].patch.weight)
+    out = tmp_path / "r.json"
+    probe.main([f"--ckpt=ema:{path}", "--fitter=ridge", "--no-zeroshot", "--no-compositional", "--no-retrieval", "--no-signal",
+                f"--cache_dir={tmp_path}/cache", f"--json={out}"])
+    e = probe.load_json(str(out))["encoders"][0]
+    assert e["weights"] == "ema" and probe.run_flags(e, mdc.asdict(mdc.Config()))["weights"] == "ema"
+    probe.main([f"--ckpt=ema:{path}", f"--export_timm={tmp_path / 'vit.pt'}"])     # the averaged encoder, for timm
+    got = torch.load(tmp_path / "vit.pt", weights_only=True)["state_dict"]["patch_embed.proj.weight"]
+    assert torch.equal(got, probe.timm_export(ema["encoder"], ema["cfg"])["state_dict"]["patch_embed.proj.weight"])
+
+
 def test_quick_probe_uses_one_set_of_probe_scenes_for_every_seed_and_averages_the_floor(monkeypatch):
     import functools
     monkeypatch.setattr(data, "shapes_probe", functools.partial(data.shapes_probe, n_train=300, n_test=100))
@@ -2094,6 +2162,10 @@ def test_summary_means_intervals_and_paired_contrasts_against_hand_computations(
     old = [{"encoders": [{**e, "config": {k: v for k, v in e["config"].items() if (k, v) != ("alias", 0)}}
                          for e in r["encoders"]]} for r in res]   # alias 0 written before --alias existed: its default
     assert probe.summarize(old, ["objective", "alias"], "ridge top1") == groups
+    # a paired contrast over fewer flags than the runs differ in: each seed's runs in a cell are averaged first,
+    # not overwritten: mdc - ar over alias 0 and 2 -> 65 - 51, 72.5 - 71, 85 - 77 (seed 3 has no mdc)
+    avg = probe.summarize(res, ["objective"], "ridge top1", [("objective", "mdc", "ar")])
+    assert close(avg[()][0], by_hand([14, 1.5, 8])) and avg[()][1] == {0: 14, 1: 1.5, 2: 8}
     z = probe.summarize(res, ["objective"], "zero-shot")                                # per-rule: the objective's rule
     assert close(z[("ar",)][0], by_hand([25.5, 35.5, 38.5, 49.5]))
     for k, r in enumerate(res):
