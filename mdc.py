@@ -1215,13 +1215,22 @@ def matmul_peak(device, n=2048, reps=10):
     return 2 * n ** 3 / float(np.median(times))
 
 
-GPU_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+# dense tensor-core peaks from NVIDIA's datasheets (H100/H200 SXM): bf16 under autocast, TF32 for fp32 matmuls
+# (train() allows TF32); a card not listed gets no MFU
+GPU_PEAK = {"bf16": {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12},
+            "fp32": {"H100": 495e12, "H200": 495e12, "A100": 156e12, "L4": 60e12, "A10": 62.5e12}}
+
+
+def gpu_peak(name, prec):
+    """(FLOP/s, its description) of the card called name at precision prec (bf16 or fp32), or (None, ...)."""
+    peak = next((v for k, v in GPU_PEAK[prec].items() if k in name), None)
+    return peak, f"nominal {'bf16' if prec == 'bf16' else 'TF32'} peak of {name}"
 
 
 def bench(cfg, model, opt, tok, stream, rank=0, world=1):
     """Median time of train_step (with device_batch, as in the loop) on one precomputed batch,
     images/s and MFU: FLOPs counted by FlopCounterMode (forward + backward) against the card's
-    nominal bf16 peak on CUDA, or against a fp32 matmul peak measured now on a CPU; then the
+    nominal peak at the run's precision on CUDA (bf16, or TF32 for fp32), or against a fp32 matmul peak measured now on a CPU; then the
     median time data.batches takes to produce a batch, which a single process adds to every step."""
     from torch.utils.flop_counter import FlopCounterMode
     imgs, caps = next(stream)
@@ -1248,9 +1257,7 @@ def bench(cfg, model, opt, tok, stream, rank=0, world=1):
         feed.append(time.perf_counter() - t)
     feed = float(np.median(feed))
     if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
-        peak_txt = f"nominal bf16 peak of {name}"
+        peak, peak_txt = gpu_peak(torch.cuda.get_device_name(), precision(device, cfg.dtype))
     else:
         peak, peak_txt = matmul_peak(device), f"measured fp32 matmul peak, {torch.get_num_threads()} threads"
     B = len(imgs)

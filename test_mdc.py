@@ -373,6 +373,12 @@ def test_bench_times_the_training_step(tmp_path, capsys):
     assert "img/s" in capsys.readouterr().out
 
 
+def test_mfu_compares_against_the_peak_of_the_precision_the_run_uses():
+    assert mdc.gpu_peak("NVIDIA H100 80GB HBM3", "bf16") == (989e12, "nominal bf16 peak of NVIDIA H100 80GB HBM3")
+    assert mdc.gpu_peak("NVIDIA A100-SXM4-40GB", "fp32")[0] == 156e12          # fp32 matmuls run as TF32
+    assert mdc.gpu_peak("NVIDIA A10", "bf16")[0] == 125e12 and mdc.gpu_peak("Tesla T4", "bf16")[0] is None
+
+
 def test_one_corruption_serves_training_scoring_and_the_signal(monkeypatch):
     """mdc_loss, every MDC scoring rule and the signal measurement corrupt captions through
     mdc.corrupt, so scoring cannot drift from what the model was trained on."""
