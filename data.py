@@ -251,9 +251,10 @@ class Shapes:
     name = "shapes"
 
     def __init__(self, seed=0, img_size=32, split="train", tie=0.0, order="color_first", alias=0):
-        # train and val draw from disjoint index ranges of the same generator
+        # train and val draw from disjoint index ranges of the same generator: val starts at index 2^40,
+        # which training (a step's batch of scenes at a time) never reaches
         self.seed, self.img_size, self.tie, self.order, self.alias = seed, img_size, tie, order, alias
-        self.offset = 0 if split == "train" else 1 << 40
+        self.offset = 0 if split == "train" else len(self)
 
     def __len__(self):
         return 1 << 40  # effectively unlimited
