@@ -712,9 +712,10 @@ def objective_colour(objective):
     return matplotlib.colormaps["tab10"](mdc.OBJECTIVES.index(objective) % 10) if objective in mdc.OBJECTIVES else "grey"
 
 
-def plot_vs(results, field, metrics, path):
+def plot_vs(results, field, metrics, path, bands=False):
     """One panel per metric against --field: a line per group of sweep_points (the mean over seeds,
-    with its 95% interval as error bars where there are 2 seeds or more, n beside each point),
+    with its 95% interval as error bars, or as a shaded band with bands, where there are 2 seeds or
+    more, n beside each point),
     one colour per objective, the floors (averaged over their init seeds) as dashed lines."""
     import matplotlib
     matplotlib.use("Agg")
@@ -731,8 +732,12 @@ def plot_vs(results, field, metrics, path):
             obj = dict(zip(varying, key)).get("objective", results[0]["encoders"][0].get("objective"))
             rest = tuple(v for k, v in zip(varying, key) if k != "objective")
             ls = styles.setdefault(rest, ("-", "--", ":", "-.")[len(styles) % 4])
-            ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, ls=ls, color=objective_colour(obj),
-                        label=", ".join(f"{k}={v}" for k, v in zip(varying, key)) or obj)
+            label = ", ".join(f"{k}={v}" for k, v in zip(varying, key)) or obj
+            if bands:
+                ax.plot(xs, ys, marker="o", ms=4, ls=ls, color=objective_colour(obj), label=label)
+                ax.fill_between(xs, ys - err, ys + err, color=objective_colour(obj), alpha=0.15, lw=0)
+            else:
+                ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, ls=ls, color=objective_colour(obj), label=label)
             for x, y, (n, *_) in zip(xs, ys, stats):
                 ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
         for (kind, v), ls in zip(sorted(floors.items()), ("--", ":")):
@@ -1109,6 +1114,7 @@ def parse(argv):
     p.add_argument("--json", default=None, help="write the results and each checkpoint's config here")
     p.add_argument("--plot_vs", default=None, help="no probing: plot --metrics of the --from_json results against this "
                                                    "config field (e.g. tie, or step) into --plot")
+    p.add_argument("--bands", action="store_true", help="--plot_vs: draw the 95%% intervals as shaded bands, not error bars")
     p.add_argument("--from_json", action="append", default=[], help="a results file of an earlier --json, or a quoted pattern of them ('results/default/*.json'); repeatable")
     p.add_argument("--metrics", default="ridge top1", help="--plot_vs, --summary: comma-separated metric names, e.g. 'ridge top1,signal shape word'")
     p.add_argument("--summary", default=None, help="no probing: n, mean, sd and 95%% interval of --metrics over the seeds of the "
@@ -1176,7 +1182,7 @@ def main(argv):
         print("\n\n".join(tables))
         return tables
     if args.plot_vs:
-        plot_vs([load_json(f) for f in args.from_json], args.plot_vs, args.metrics.split(","), args.plot)
+        plot_vs([load_json(f) for f in args.from_json], args.plot_vs, args.metrics.split(","), args.plot, args.bands)
         return print(f"wrote {args.plot}")
     torch.backends.cuda.matmul.allow_tf32 = True
     command = "python " + " ".join([os.path.basename(sys.argv[0] or "probe.py")] + list(argv))

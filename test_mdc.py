@@ -2071,6 +2071,8 @@ def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_
     probe.main(["--plot_vs=tie", f"--from_json={tmp_path / '0.json'}", f"--from_json={tmp_path / '1.json'}",
                 "--metrics=ridge top1,signal shape word", f"--plot={tmp_path / 'vs.png'}"])
     assert open(tmp_path / "vs.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    probe.main(["--plot_vs=tie", f"--from_json={tmp_path / '0.json'}", "--bands", f"--plot={tmp_path / 'bands.png'}"])
+    assert open(tmp_path / "bands.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_runs_that_differ_only_in_bookkeeping_are_one_line_and_ema_weights_another(tmp_path):
