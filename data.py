@@ -285,15 +285,45 @@ PROBE_SEED = 12345  # probe scenes come from another seed than pre-training: no 
 PROBE_TEST_OFFSET = 1 << 41  # the probe's test scenes are indices from here on, far from the training scenes' 0, 1, ...
 
 
-def shapes_probe(task="shape", n_train=5000, n_test=2000, img_size=32, seed=0):
+PROBE_SUBSETS = {  # shapes:TASK/SUBSET: test scenes whose shape is, or is not, the one their colour implies (--tie)
+    "implied": lambda a: a["shape"][:, 0] == np.array(TIE_SHAPE)[a["color"][:, 0]],
+    "not_implied": lambda a: a["shape"][:, 0] != np.array(TIE_SHAPE)[a["color"][:, 0]],
+}
+
+
+def shapes_task(arg, spec):
+    """'TASK' or 'TASK/SUBSET' of a shapes:... probe spec -> (task, subset or None), or a UsageError."""
+    task, _, subset = (arg or "shape").partition("/")
+    if task not in PROBE_TASKS:
+        raise UsageError(f"unknown synthetic probe task {task!r} in {spec!r}; expected one of {list(PROBE_TASKS)}")
+    if subset and subset not in PROBE_SUBSETS:
+        raise UsageError(f"unknown test subset {subset!r} in {spec!r}; expected one of {list(PROBE_SUBSETS)}")
+    return task, subset or None
+
+
+def probe_scenes(split, n, seed=0, subset=None):
+    """(indices, attributes) of n single-object scenes of the shapes probe's split (train or test). With
+    a subset (a key of PROBE_SUBSETS; test only) the first n test scenes in it: a model trained with --tie
+    is then probed where the colour's shortcut holds and where it fails, the classifier fitted as before."""
+    m = n if subset is None else 8 * n + 64   # 1 scene in 6 has the implied shape: 8n + 64 hold n of them
+    idx = np.arange(m, dtype=np.int64) + (0 if split == "train" else PROBE_TEST_OFFSET)
+    attrs = scene_attributes(seed + PROBE_SEED, idx, n_objects=1, spread=PROBE_SPREAD)
+    if subset is not None:
+        keep = np.flatnonzero(PROBE_SUBSETS[subset](attrs))[:n]
+        assert len(keep) == n, f"{len(keep)} {subset} scenes among {m}"
+        idx, attrs = idx[keep], {k: v[keep] if isinstance(v, np.ndarray) else v for k, v in attrs.items()}
+    return idx, attrs
+
+
+def shapes_probe(task="shape", n_train=5000, n_test=2000, img_size=32, seed=0, subset=None):
     """A labelled probe set from the same generator: single-object scenes, label from PROBE_TASKS.
     The shape is drawn independently of the colour (no tie), so a probe of shape measures what the
-    encoder knows about shape, not about colour. Returns (x_train, y_train, x_test, y_test, n_classes)."""
+    encoder knows about shape, not about colour; subset narrows the test scenes (probe_scenes).
+    Returns (x_train, y_train, x_test, y_test, n_classes)."""
     n_classes, label = PROBE_TASKS[task]
     out = []
-    for off, n in ((0, n_train), (PROBE_TEST_OFFSET, n_test)):
-        idx = np.arange(n, dtype=np.int64) + off
-        attrs = scene_attributes(seed + PROBE_SEED, idx, n_objects=1, spread=PROBE_SPREAD)
+    for split, n in (("train", n_train), ("test", n_test)):
+        idx, attrs = probe_scenes(split, n, seed, subset if split == "test" else None)
         out += [render(attrs, img_size, seed + PROBE_SEED, idx), torch.from_numpy(label(attrs).astype(np.int64))]
     return (*out, n_classes)
 
@@ -956,7 +986,7 @@ def _imagefolder(root, split, img_size, seed, classes, per_class):
     return FolderImages(files, labels, names, img_size, f"imagefolder:{root}")
 
 
-PROBE_KINDS = "shapes[:TASK], cifar10, cifar100, imagefolder:ROOT or imagenet:ROOT"
+PROBE_KINDS = "shapes[:TASK[/SUBSET]], cifar10, cifar100, imagefolder:ROOT or imagenet:ROOT"
 
 
 def check_probe(spec, data_root="data"):
@@ -964,8 +994,7 @@ def check_probe(spec, data_root="data"):
     folder present or downloadable; an ImageFolder tree's train/ and val/ (or test/) there."""
     kind, _, arg = spec.partition(":")
     if kind == "shapes":
-        if (arg or "shape") not in PROBE_TASKS:
-            raise UsageError(f"unknown synthetic probe task {arg!r} in {spec!r}; expected one of {list(PROBE_TASKS)}")
+        shapes_task(arg, spec)
     elif kind in ("cifar10", "cifar100"):
         _torchvision_cifar(kind, "test", data_root)
     elif kind in ("imagefolder", "imagenet"):
@@ -979,19 +1008,17 @@ def check_probe(spec, data_root="data"):
 
 def probe_dataset(spec, split, img_size=32, data_root="data", seed=0, classes=0, per_class=0):
     """A labelled image dataset for linear probing: 'shapes' (task 'shape'), 'shapes:TASK'
-    (a key of PROBE_TASKS), 'cifar10', 'cifar100' (torchvision, downloaded into data_root),
+    (a key of PROBE_TASKS), 'shapes:TASK/SUBSET' (its test scenes narrowed to a key of PROBE_SUBSETS), 'cifar10', 'cifar100' (torchvision, downloaded into data_root),
     'imagefolder:ROOT' or 'imagenet:ROOT' (ROOT/train, ROOT/val or ROOT/test; classes: a number
     for a seeded subset, 'imagenet100', or a file of wnids; per_class: cap on images per class, 0 = all;
     read lazily, see FolderImages). Returns a torch Dataset of (image float32 (3, S, S) in [0, 1],
     int label) with attributes n_classes and name; probe_batches reads any of them batch by batch."""
     kind, _, arg = spec.partition(":")
     if kind == "shapes":
-        task = arg or "shape"
-        if task not in PROBE_TASKS:
-            raise UsageError(f"unknown synthetic probe task {task!r}; expected one of {list(PROBE_TASKS)}")
-        xtr, ytr, xte, yte, n_classes = shapes_probe(task, img_size=img_size, seed=seed)
+        task, subset = shapes_task(arg, spec)
+        xtr, ytr, xte, yte, n_classes = shapes_probe(task, img_size=img_size, seed=seed, subset=subset)
         ds = torch.utils.data.TensorDataset(*((xtr, ytr) if split == "train" else (xte, yte)))
-        ds.n_classes, ds.name = n_classes, f"shapes:{task}"
+        ds.n_classes, ds.name = n_classes, f"shapes:{task}" + (f"/{subset}" if subset else "")
         return ds
     if kind in ("cifar10", "cifar100"):
         return _cifar(kind, split, img_size, data_root)

@@ -347,14 +347,13 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
 TEMPLATES = ["a photo of a {}."]
 
 
-def shapes_zeroshot(task, n, seed=0, order="color_first", alias=0):
+def shapes_zeroshot(task, n, seed=0, order="color_first", alias=0, subset=None):
     """Candidates for the synthetic probe's test images (data.shapes_probe): each image's own
     caption, described again with only the class attribute changed (the shape, the colour, or
     both), one candidate per class, so candidates differ in the class words alone.
     Returns (B lists of n_classes captions, labels (B,))."""
     n_classes, label = data.PROBE_TASKS[task]
-    idx = np.arange(n, dtype=np.int64) + data.PROBE_TEST_OFFSET   # the test split of data.shapes_probe
-    attrs = data.scene_attributes(seed + data.PROBE_SEED, idx, n_objects=1, spread=data.PROBE_SPREAD)
+    _, attrs = data.probe_scenes("test", n, seed, subset)          # the test split of data.shapes_probe
     cands = []
     for i in range(n):
         row = []
@@ -381,9 +380,10 @@ def class_names(ds):
 
 def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=None):
     """Accuracy per scoring rule on (up to) n test images. None if the classes have no names."""
-    kind, _, task = spec.partition(":")
+    kind, _, arg = spec.partition(":")
     if kind == "shapes":
-        cands, labels = shapes_zeroshot(task or "shape", n, seed, cfg.order, cfg.alias)
+        task, subset = data.shapes_task(arg, spec)
+        cands, labels = shapes_zeroshot(task, n, seed, cfg.order, cfg.alias, subset)
         imgs = data.dataset_tensors(ds)[0][:n]
         assert torch.equal(labels, data.dataset_tensors(ds)[1][:n]), "data.shapes_probe changed; update shapes_zeroshot"
     else:

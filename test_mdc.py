@@ -1974,6 +1974,30 @@ def test_shapes_zeroshot_candidates_differ_only_in_the_class_word():
             assert len(differ) == (2 if task == "shape_color" else 1)
 
 
+def test_shape_probe_split_by_whether_the_colour_implies_the_shape(monkeypatch):
+    """shapes:shape/implied and shapes:shape/not_implied: the same training scenes, the test scenes
+    narrowed to those whose shape is (not) the one TIE_SHAPE gives their colour; zero-shot follows."""
+    import functools
+    monkeypatch.setattr(data, "shapes_probe", functools.partial(data.shapes_probe, n_train=200, n_test=120))
+    full = data.probe_dataset("shapes:shape", "train", 16).tensors
+    for subset, want in (("implied", True), ("not_implied", False)):
+        tr, te = (data.probe_dataset(f"shapes:shape/{subset}", split, 16) for split in ("train", "test"))
+        assert all(torch.equal(a, b) for a, b in zip(tr.tensors, full)) and len(te) == 120
+        _, attrs = data.probe_scenes("test", 120, subset=subset)
+        implied = attrs["shape"][:, 0] == np.array(data.TIE_SHAPE)[attrs["color"][:, 0]]
+        assert (implied == want).all() and torch.equal(te.tensors[1], torch.from_numpy(attrs["shape"][:, 0]))
+        assert te.name == f"shapes:shape/{subset}"
+        cands, labels = probe.shapes_zeroshot("shape", 30, subset=subset)
+        assert torch.equal(labels, te.tensors[1][:30])
+    _, every = data.probe_scenes("test", 400)                       # the unsplit test scenes: about 1 in 6 implied
+    assert 40 < (every["shape"][:, 0] == np.array(data.TIE_SHAPE)[every["color"][:, 0]]).sum() < 100
+    for bad in ("shapes:shape/some", "shapes:size"):
+        with pytest.raises(data.UsageError, match="some|size"):
+            data.check_probe(bad)
+    res = probe.main(["--ckpt=random", "--dataset=shapes:shape/not_implied", "--fitter=ridge", "--cache_dir="])
+    assert 0 <= res["encoders"][0]["metrics"]["ridge top1"] <= 1
+
+
 def test_a_corrupted_caption_never_equals_the_original_and_keeps_its_words():
     imgs, caps = probe.multi_object(data.Shapes(seed=0, img_size=16, split="val"), 300)
     caps = caps + ["a dog", "dog dog dog", "a man riding a horse on the beach .", "x"]
