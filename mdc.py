@@ -1216,9 +1216,9 @@ def matmul_peak(device, n=2048, reps=10):
 
 
 # dense tensor-core peaks from NVIDIA's datasheets (H100/H200 SXM): bf16 under autocast, TF32 for fp32 matmuls
-# (train() allows TF32); a card not listed gets no MFU
-GPU_PEAK = {"bf16": {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12},
-            "fp32": {"H100": 495e12, "H200": 495e12, "A100": 156e12, "L4": 60e12, "A10": 62.5e12}}
+# (train() allows TF32); a card not listed gets no MFU. Names are matched in this order (L40S before L4)
+GPU_PEAK = {"bf16": {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12},
+            "fp32": {"H100": 495e12, "H200": 495e12, "A100": 156e12, "L40S": 183e12, "L4": 60e12, "A10": 62.5e12}}
 
 
 def gpu_peak(name, prec):
@@ -1230,8 +1230,9 @@ def gpu_peak(name, prec):
 def bench(cfg, model, opt, tok, stream, rank=0, world=1):
     """Median time of train_step (with device_batch, as in the loop) on one precomputed batch,
     images/s and MFU: FLOPs counted by FlopCounterMode (forward + backward) against the card's
-    nominal peak at the run's precision on CUDA (bf16, or TF32 for fp32), or against a fp32 matmul peak measured now on a CPU; then the
-    median time data.batches takes to produce a batch, which a single process adds to every step."""
+    nominal peak at the run's precision on CUDA (bf16, or TF32 for fp32), or against a fp32 matmul
+    peak measured now on a CPU; then the median time data.batches takes to produce a batch, which a
+    single process adds to every step."""
     from torch.utils.flop_counter import FlopCounterMode
     imgs, caps = next(stream)
     device = imgs.device

@@ -377,6 +377,7 @@ def test_mfu_compares_against_the_peak_of_the_precision_the_run_uses():
     assert mdc.gpu_peak("NVIDIA H100 80GB HBM3", "bf16") == (989e12, "nominal bf16 peak of NVIDIA H100 80GB HBM3")
     assert mdc.gpu_peak("NVIDIA A100-SXM4-40GB", "fp32")[0] == 156e12          # fp32 matmuls run as TF32
     assert mdc.gpu_peak("NVIDIA A10", "bf16")[0] == 125e12 and mdc.gpu_peak("Tesla T4", "bf16")[0] is None
+    assert mdc.gpu_peak("NVIDIA L40S", "bf16")[0] == 362e12 and mdc.gpu_peak("NVIDIA L4", "bf16")[0] == 121e12
 
 
 def test_one_corruption_serves_training_scoring_and_the_signal(monkeypatch):
