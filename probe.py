@@ -714,9 +714,9 @@ def objective_colour(objective):
 
 def plot_vs(results, field, metrics, path, bands=False):
     """One panel per metric against --field: a line per group of sweep_points (the mean over seeds,
-    with its 95% interval as error bars, or as a shaded band with bands, where there are 2 seeds or
-    more, n beside each point),
-    one colour per objective, the floors (averaged over their init seeds) as dashed lines."""
+    with its 95% interval as error bars, or a shaded band with bands, where there are 2 seeds or more,
+    n beside each point), one colour per objective, the floors (averaged over their init seeds) as
+    dashed lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1074,7 +1074,7 @@ def bench(n=50_000, d=384, c=100, device="cpu"):
 def parse(argv):
     p = data.ArgumentParser(prog="probe.py", description="linear probe, zero-shot, compositionality and retrieval of encoders")
     p.add_argument("--ckpt", action="append", default=[], help="checkpoint path, ema:PATH (its --ema weights), 'random', 'random:SEED' or 'pixels'; repeatable")
-    p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK], cifar10, cifar100, imagefolder:ROOT, "
+    p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK[/SUBSET]], cifar10, cifar100, imagefolder:ROOT, "
                    "imagenet:ROOT (read batch by batch; at 224 px and above short side to 256, centre crop 224)")
     p.add_argument("--data_root", default="data")
     p.add_argument("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded subset), imagenet100 "
