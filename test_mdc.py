@@ -2103,7 +2103,7 @@ def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_
 def test_runs_that_differ_only_in_bookkeeping_are_one_line_and_ema_weights_another(tmp_path):
     """Flags that do not change the trained weights (mdc.BOOKKEEPING: checkpoint interval, --ema, ...)
     do not split a sweep; the probed weights (final or ema) do, in the figures and in --summary."""
-    base = mdc.asdict(tiny_cfg())
+    base = mdc.asdict(tiny_cfg("--t_min=0.5"))
     run = lambda seed, acc, weights="final", **cfg: dict(name=f"r{seed}{weights}", kind="ckpt", objective="mdc", step=640, weights=weights,
                                                          metrics={"ridge top1": acc}, config={**base, "seed": seed, **cfg})
     res = [{"encoders": [run(0, 0.6, ckpt_every=80), run(1, 0.7, ckpt_every=160, ema=0.99), run(0, 0.5, t_min=0.75),
