@@ -66,7 +66,7 @@ class Config:
     max_len: int = 16           # caption tokens including [EOS]
     vocab_min_count: int = 1    # words seen fewer times become [UNK]
     # objective knobs
-    t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (0.5 is not yet backed by a seeded t-range ablation: RESULTS.md section 2)
+    t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (why 0.5: lower loses the shape probe, 0.001 by 22.6 points on 3 seeds; 0.75 and 1 are level: RESULTS.md section 2, the t range)
     mdc_weight: str = "elbo"    # mdc: elbo = 1/t-weighted masked CE over real tokens; none = mean masked CE
     antithetic: bool = True     # mdc: low-discrepancy t across the batch (MDLM), lowers loss variance
     # Off by default, a deviation: [PAD] is never masked nor a key, so mdc and cappa's parallel branch know the
