@@ -866,7 +866,8 @@ def summary_table(results, by, metric, diffs=()):
                                + ["per seed"]) + " |",
              "|" + "---|" * (len(cols) + 5 + bool(diffs))]
     fmt = ("{:+.2f}" if metric in RAW else "{:+.1f}") if diffs else "{:.2f}" if metric in RAW else "{:.1f}"
-    for k, ((n, m, sd, h), per_seed) in sorted(res.items(), key=lambda kv: str(kv[0])):
+    order = lambda k: tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in k)   # 640 before 1280
+    for k, ((n, m, sd, h), per_seed) in sorted(res.items(), key=lambda kv: order(kv[0])):
         ci = "-" if h != h else f"{fmt.format(m)} ± {h:.{2 if metric in RAW else 1}f} [{fmt.format(m - h)}, {fmt.format(m + h)}]"
         seeds = ", ".join(f"{s}: {fmt.format(v)}" for s, v in sorted(per_seed.items()))
         sd_txt = "-" if sd != sd else f"{sd:.{2 if metric in RAW else 1}f}"

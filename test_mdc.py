@@ -2112,6 +2112,8 @@ def test_runs_that_differ_only_in_bookkeeping_are_one_line_and_ema_weights_anoth
     assert varying == ["weights"] and groups == {("final",): {0.5: [60.0, 70.0], 0.75: [50.0]}, ("ema",): {0.5: [80.0]}}
     d = probe.summarize(res, ["weights", "t_min"], "ridge top1", [("weights", "ema", "final")])
     assert list(d) == [(0.5,)] and d[(0.5,)][1] == {1: 10.0}      # seed 1 alone has both
+    table = probe.summary_table(res + [{"encoders": [run(0, 0.4, steps=1280)]}], ["steps"], "ridge top1")
+    assert table.index("| 640 |") < table.index("| 1280 |")                 # numbers in their order, not as text
 
 
 def test_probe_reads_the_ema_weights_of_a_checkpoint(tmp_path):
