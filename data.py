@@ -285,9 +285,14 @@ PROBE_SEED = 12345  # probe scenes come from another seed than pre-training: no 
 PROBE_TEST_OFFSET = 1 << 41  # the probe's test scenes are indices from here on, far from the training scenes' 0, 1, ...
 
 
+def implied_shape(a):
+    """(B,) bool: the single object's shape is the one its colour implies (TIE_SHAPE)."""
+    return a["shape"][:, 0] == np.array(TIE_SHAPE)[a["color"][:, 0]]
+
+
 PROBE_SUBSETS = {  # shapes:TASK/SUBSET: test scenes whose shape is, or is not, the one their colour implies (--tie)
-    "implied": lambda a: a["shape"][:, 0] == np.array(TIE_SHAPE)[a["color"][:, 0]],
-    "not_implied": lambda a: a["shape"][:, 0] != np.array(TIE_SHAPE)[a["color"][:, 0]],
+    "implied": implied_shape,
+    "not_implied": lambda a: ~implied_shape(a),
 }
 
 
@@ -1008,7 +1013,8 @@ def check_probe(spec, data_root="data"):
 
 def probe_dataset(spec, split, img_size=32, data_root="data", seed=0, classes=0, per_class=0):
     """A labelled image dataset for linear probing: 'shapes' (task 'shape'), 'shapes:TASK'
-    (a key of PROBE_TASKS), 'shapes:TASK/SUBSET' (its test scenes narrowed to a key of PROBE_SUBSETS), 'cifar10', 'cifar100' (torchvision, downloaded into data_root),
+    (a key of PROBE_TASKS), 'shapes:TASK/SUBSET' (its test scenes narrowed to a key of PROBE_SUBSETS),
+    'cifar10', 'cifar100' (torchvision, downloaded into data_root),
     'imagefolder:ROOT' or 'imagenet:ROOT' (ROOT/train, ROOT/val or ROOT/test; classes: a number
     for a seeded subset, 'imagenet100', or a file of wnids; per_class: cap on images per class, 0 = all;
     read lazily, see FolderImages). Returns a torch Dataset of (image float32 (3, S, S) in [0, 1],

@@ -1086,6 +1086,8 @@ def read_checkpoint(path, device="cpu"):
     if not isinstance(ckpt, dict) or not {"model", "config", "vocab", "step"} <= set(ckpt):
         raise UsageError(f"{path} is not a checkpoint written by mdc.py (no model, config, vocab and step in it)")
     ckpt["model"] = upgrade_state(ckpt["model"], ckpt["config"].get("objective"))
+    if ckpt.get("ema"):   # --ema: the moving average, in the same names
+        ckpt["ema"] = upgrade_state(ckpt["ema"], ckpt["config"].get("objective"))
     return ckpt
 
 
@@ -1116,7 +1118,7 @@ def load_checkpoint(path, device="cpu", ema=False):
     model = build_model(cfg, len(tok), teacher_cfg=teacher_cfg).to(device)
     if ema and not ckpt.get("ema"):
         raise UsageError(f"{path} has no moving average of its weights: it was trained without --ema")
-    model.load_state_dict(upgrade_state(ckpt["ema"], cfg.objective) if ema else ckpt["model"])
+    model.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
     return model.eval(), cfg, tok, ckpt
 
 

@@ -845,12 +845,10 @@ def summarize(results, by, metric, diffs=()):
         if 0 in signs:
             continue
         contrast.setdefault(key(flags), {}).setdefault(seed, {}).setdefault(tuple(signs), []).append(v)
-    for per_seed in contrast.values():   # a seed's runs in one cell are averaged first, as without diffs
-        for c in per_seed.values():
-            c.update({cell: float(np.prod(cell)) * float(np.mean(vs)) for cell, vs in c.items()})
     out = {}
-    for k, per_seed in contrast.items():
-        full = {s: sum(c.values()) for s, c in per_seed.items() if len(c) == 2 ** len(diffs)}  # every cell present
+    for k, per_seed in contrast.items():   # a seed's runs in one cell are averaged first, as without diffs
+        full = {s: sum(float(np.prod(cell)) * float(np.mean(vs)) for cell, vs in c.items())
+                for s, c in per_seed.items() if len(c) == 2 ** len(diffs)}  # every cell present
         if full:
             out[k] = (mean_ci(list(full.values())), full)
     return out
@@ -880,6 +878,11 @@ def summary_table(results, by, metric, diffs=()):
 # The encoders of one call: checkpoints, a random init of the same ViT, raw pixels
 
 
+def ckpt_spec(s):
+    """A --ckpt value that names a checkpoint -> (its path, whether ema:PATH asks for its --ema weights)."""
+    return s.removeprefix("ema:"), s.startswith("ema:")
+
+
 def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
     """--ckpt values -> list of dicts (name, kind, cfg, encoder, key; a checkpoint also model, tok, step, weights). A
     checkpoint keeps its decoder for scoring; ema:PATH loads the moving average of its weights (--ema) instead of
@@ -890,8 +893,9 @@ def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
             kind, _, init = s.partition(":")
             encs.append(dict(name=s, kind=kind, init_seed=int(init) if init else seed))
             continue
-        weights, path = ("ema", s[4:]) if s.startswith("ema:") else ("final", s)
-        model, cfg, tok, ckpt = mdc.load_checkpoint(path, device, ema=weights == "ema")
+        path, ema = ckpt_spec(s)
+        weights = "ema" if ema else "final"
+        model, cfg, tok, ckpt = mdc.load_checkpoint(path, device, ema=ema)
         st = os.stat(path)
         key = dict(path=os.path.abspath(path), size=st.st_size, mtime=st.st_mtime_ns, **({"weights": "ema"} if weights == "ema" else {}))
         encs.append(dict(name=s, kind="ckpt", cfg=cfg, model=model, tok=tok, encoder=model.encoder, step=ckpt.get("step"),
@@ -987,7 +991,8 @@ def timm_export(enc, cfg):
 def export_timm(ckpt, path):
     """--export_timm: write timm_export of a checkpoint's encoder (ema:PATH: its --ema weights) to path
     (torch.save, loads with weights_only)."""
-    model, cfg, _, meta = mdc.load_checkpoint(ckpt.removeprefix("ema:"), ema=ckpt.startswith("ema:"))
+    src, ema = ckpt_spec(ckpt)
+    model, cfg, _, meta = mdc.load_checkpoint(src, ema=ema)
     torch.save({**timm_export(model.encoder, cfg), "step": meta.get("step")}, path)
     print(f"wrote {path}: the encoder of {ckpt} (step {meta.get('step')}) for timm.create_model; README.md says how to load it")
 
@@ -1135,7 +1140,7 @@ def parse(argv):
                      ("img_size", a.img_size >= 0), ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
         if not ok:
             p.error(f"--{name}={getattr(a, name)} is out of range")
-    if missing := [c for c in a.ckpt if c != "pixels" and not re.fullmatch(r"random(:\d+)?", c) and not os.path.isfile(c.removeprefix("ema:"))]:
+    if missing := [c for c in a.ckpt if c != "pixels" and not re.fullmatch(r"random(:\d+)?", c) and not os.path.isfile(ckpt_spec(c)[0])]:
         p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, ema:PATH, or random / random:SEED / pixels)")
     # --from_json takes files or quoted patterns ('results/default/*.json'), expanded here in sorted order
     a.from_json = [f for pat in a.from_json for f in (sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat])
