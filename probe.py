@@ -897,7 +897,7 @@ def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
         weights = "ema" if ema else "final"
         model, cfg, tok, ckpt = mdc.load_checkpoint(path, device, ema=ema)
         st = os.stat(path)
-        key = dict(path=os.path.abspath(path), size=st.st_size, mtime=st.st_mtime_ns, **({"weights": "ema"} if weights == "ema" else {}))
+        key = dict(path=os.path.abspath(path), size=st.st_size, mtime=st.st_mtime_ns, **({"weights": "ema"} if ema else {}))
         encs.append(dict(name=s, kind="ckpt", cfg=cfg, model=model, tok=tok, encoder=model.encoder, step=ckpt.get("step"),
                          weights=weights, key=key))
         ref = ref or cfg
