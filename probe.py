@@ -684,10 +684,10 @@ def sweep_points(results, field, metric):
     """The points of one metric of many runs (results dicts of earlier calls) against one config
     field, e.g. tie, or against the training step of the checkpoints (field "step"). Returns (the other flags that differ between the runs, the seed aside;
     {their values: {field value: [metric over seeds]}}; {floor kind: metric}), accuracies in %."""
-    encs = [e for r in results for e in r["encoders"]]
-    runs = [e for e in encs if e["kind"] == "ckpt"]
+    encs = [(e, r.get("args")) for r in results for e in r["encoders"]]
+    runs = [e for e, _ in encs if e["kind"] == "ckpt"]
     defaults = asdict(mdc.Config())
-    flags = [run_flags(e, defaults) for e in runs]
+    flags = [run_flags(e, defaults, a) for e, a in encs if e["kind"] == "ckpt"]
     fixed = (field, "seed", "step") + mdc.BOOKKEEPING   # runs differ by what was trained, not by how it was logged
     varying = [k for k in (flags[0] if flags else ()) if k not in fixed and len({json.dumps(f.get(k)) for f in flags}) > 1]
     scale = 1 if metric in RAW else 100
@@ -699,7 +699,7 @@ def sweep_points(results, field, metric):
             x = f[field]   # step: checkpoints along one run (--keep_ckpts)
             groups.setdefault(key, {}).setdefault(x, []).append(scale * v)
     floor_runs = {}
-    for e in encs:
+    for e, _ in encs:
         if e["kind"] in ("random", "pixels") and (v := value(e["metrics"].get(metric))) is not None:
             floor_runs.setdefault(e["kind"], []).append(scale * v)
     floors = {k: float(np.mean(v)) for k, v in floor_runs.items()}   # a random floor: the mean over its init seeds
@@ -786,11 +786,16 @@ def metric_value(m, metric, objective=None):
     return None if v is None else v if metric in RAW else 100 * v
 
 
-def run_flags(e, defaults):
+def run_flags(e, defaults, args=None):
     """The flags of one checkpoint's result: its config (a flag added to Config after the run takes its
-    default), the step of the checkpoint (--keep_ckpts: a run along training) and which weights were
-    probed (final, or ema: the moving average of --ema)."""
-    return {**defaults, **e["config"], "step": e.get("step"), "weights": e.get("weights", "final")}
+    default), the step of the checkpoint (--keep_ckpts: a run along training), which weights were
+    probed (final, or ema: the moving average of --ema), and the probe call's own dataset and caption
+    tie (`args`, the result's "args"), so that a split probe (shapes:shape/implied) or a signal on
+    untied captions is a group of its own and not averaged with the plain probe of the same run."""
+    args = args or {}
+    tie = args.get("caption_tie")
+    return {**defaults, **e["config"], "step": e.get("step"), "weights": e.get("weights", "final"),
+            "probe_data": args.get("dataset", "shapes"), "probe_tie": "-" if tie is None else tie}
 
 
 def run_rows(results, metric):
@@ -803,7 +808,7 @@ def run_rows(results, metric):
     for r in results:
         for e in r["encoders"]:
             if e["kind"] == "ckpt":
-                flags, seed = run_flags(e, defaults), e["config"]["seed"]
+                flags, seed = run_flags(e, defaults, r.get("args")), e["config"]["seed"]
             else:
                 flags, seed = {"objective": e["kind"]}, e.get("init_seed", 0)
             if (v := metric_value(e["metrics"], metric, e.get("objective"))) is not None:

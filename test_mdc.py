@@ -2116,6 +2116,23 @@ def test_runs_that_differ_only_in_bookkeeping_are_one_line_and_ema_weights_anoth
     assert table.index("| 640 |") < table.index("| 1280 |")                 # numbers in their order, not as text
 
 
+def test_a_split_probe_and_an_untied_signal_are_groups_of_their_own_not_averaged_with_the_plain_probe():
+    """The probe call's --dataset and --caption_tie (a result's "args") are flags of its rows: the implied /
+    not-implied split of one run pairs by seed, and a result without args reads as the plain shapes probe."""
+    cfg = mdc.asdict(tiny_cfg("--tie=0.9"))
+    res = lambda seed, acc, **args: {"args": args, "encoders": [dict(name="r", kind="ckpt", objective="mdc", step=640,
+                                                                 metrics={"ridge top1": acc}, config={**cfg, "seed": seed})]}
+    results = [res(0, 0.6, dataset="shapes"), res(0, 0.9, dataset="shapes:shape/implied"), res(0, 0.5, dataset="shapes:shape/not_implied"),
+               res(1, 0.8, dataset="shapes:shape/implied"), res(1, 0.6, dataset="shapes:shape/not_implied"),
+               res(1, 0.7, dataset="shapes", caption_tie=0.0), {"encoders": res(1, 0.4)["encoders"]}]
+    by = probe.summarize(results, ["probe_data", "probe_tie"], "ridge top1")
+    assert by[("shapes", "-")][1] == {0: 60.0, 1: 40.0} and by[("shapes", 0.0)][1] == {1: 70.0}
+    assert by[("shapes:shape/implied", "-")][1] == {0: 90.0, 1: 80.0}
+    d = probe.summarize(results, ["probe_data"], "ridge top1", [("probe_data", "shapes:shape/implied", "shapes:shape/not_implied")])
+    assert list(d) == [()] and d[()][1] == {0: pytest.approx(40.0), 1: pytest.approx(20.0)}
+    assert probe.sweep_points(results, "tie", "ridge top1")[0] == ["probe_data", "probe_tie"]   # one line per probe
+
+
 def test_probe_reads_the_ema_weights_of_a_checkpoint(tmp_path):
     run_train(tmp_path, "--steps=3", "--ema=0.5")
     path = str(tmp_path / "ckpt.pt")
