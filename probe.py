@@ -684,10 +684,11 @@ def sweep_points(results, field, metric):
     """The points of one metric of many runs (results dicts of earlier calls) against one config
     field, e.g. tie, or against the training step of the checkpoints (field "step"). Returns (the other flags that differ between the runs, the seed aside;
     {their values: {field value: [metric over seeds]}}; {floor kind: metric}), accuracies in %."""
-    encs = [(e, r.get("args")) for r in results for e in r["encoders"]]
-    runs = [e for e, _ in encs if e["kind"] == "ckpt"]
+    encs = [e for r in results for e in r["encoders"]]
+    ckpts = [(e, r.get("args")) for r in results for e in r["encoders"] if e["kind"] == "ckpt"]   # with the probe call's args
+    runs = [e for e, _ in ckpts]
     defaults = asdict(mdc.Config())
-    flags = [run_flags(e, defaults, a) for e, a in encs if e["kind"] == "ckpt"]
+    flags = [run_flags(e, defaults, a) for e, a in ckpts]
     fixed = (field, "seed", "step") + mdc.BOOKKEEPING   # runs differ by what was trained, not by how it was logged
     varying = [k for k in (flags[0] if flags else ()) if k not in fixed and len({json.dumps(f.get(k)) for f in flags}) > 1]
     scale = 1 if metric in RAW else 100
@@ -699,7 +700,7 @@ def sweep_points(results, field, metric):
             x = f[field]   # step: checkpoints along one run (--keep_ckpts)
             groups.setdefault(key, {}).setdefault(x, []).append(scale * v)
     floor_runs = {}
-    for e, _ in encs:
+    for e in encs:
         if e["kind"] in ("random", "pixels") and (v := value(e["metrics"].get(metric))) is not None:
             floor_runs.setdefault(e["kind"], []).append(scale * v)
     floors = {k: float(np.mean(v)) for k, v in floor_runs.items()}   # a random floor: the mean over its init seeds
