@@ -20,7 +20,9 @@ import difflib
 import inspect
 import math
 import os
+import platform
 import re
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -106,6 +108,9 @@ class Config:
     probe: str = "shapes"       # probe dataset at the end of training ("" to skip)
     data_root: str = "data"     # where --probe=cifar10/cifar100 are (or are downloaded to)
     seed: int = 0               # initialisation, data order, noise: a run is a function of its flags
+    init_seed: int = -1         # one random stream on its own (-1 = --seed): the weights' initialisation
+    data_seed: int = -1         # ... the data: which scenes (shapes), the order and split (real data), augmentation
+    noise_seed: int = -1        # ... the noise of every step (draw_noise: t, the masks, the patches)
     out_dir: str = "out"        # checkpoint ckpt.pt and log.csv go here
     resume: bool = False        # continue from out_dir/ckpt.pt
     stop_after: int = 0         # end this run after so many steps (checkpointed); --resume goes on
@@ -356,11 +361,17 @@ class Noise(NamedTuple):  # the uniforms of one step's global batch, a field for
         return Noise(*(a.to(device) for a in self))
 
 
+def stream_seed(cfg, stream):
+    """The seed of one random stream (init, data or noise): --seed, unless --{stream}_seed sets it alone."""
+    s = getattr(cfg, f"{stream}_seed")
+    return cfg.seed if s < 0 else s
+
+
 def draw_noise(cfg, B, step, salt=0):
     """Noise for the global batch at `step`: a pure function of (seed, step), so a resumed run and a
     DDP run (each rank slices the global draw) see the same. The fields are drawn in the order
     above, each after the last, so adding one changes none before it."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 7 + salt)
+    g = torch.Generator().manual_seed(stream_seed(cfg, "noise") * 1_000_003 + step * 7 + salt)
     if cfg.antithetic:  # MDLM: u_i = (u0 + i/B) mod 1 spreads t evenly over the batch
         u = (torch.rand(1, generator=g) + torch.arange(B) / B) % 1
         u = u[torch.randperm(B, generator=g)]  # so no rank gets only the small t's
@@ -889,7 +900,7 @@ def make_optimizer(model, cfg, device):
 
 def caption_data(cfg):
     """(train set, val set, tokenizer, the training captions): the tokenizer is built from them."""
-    train, val = data.build_caption_data(cfg.data, img_size=cfg.img_size, seed=cfg.seed, all_captions=cfg.all_captions,
+    train, val = data.build_caption_data(cfg.data, img_size=cfg.img_size, seed=stream_seed(cfg, "data"), all_captions=cfg.all_captions,
                                          image_col=cfg.image_col, caption_col=cfg.caption_col, val_frac=cfg.val_frac,
                                          tie=cfg.tie, order=cfg.order, alias=cfg.alias)
     caps = train.vocab_captions()
@@ -907,7 +918,7 @@ def device_batch(imgs, caps, tok, cfg, step, rank=0, world=1):
     images' device. The augmentation is seeded by (seed, step, rank), so a resumed run repeats it."""
     x = tok.batch(caps, cfg.max_len).to(imgs.device, non_blocking=True)
     if cfg.augment:
-        imgs = data.augment(imgs, torch.Generator(device=imgs.device).manual_seed(cfg.seed * 7919 + step * world + rank))
+        imgs = data.augment(imgs, torch.Generator(device=imgs.device).manual_seed(stream_seed(cfg, "data") * 7919 + step * world + rank))
     return imgs, x
 
 
@@ -974,7 +985,7 @@ def train(cfg, callback=None):
     if cfg.batch_size % world:
         raise UsageError(f"--batch_size={cfg.batch_size} must divide by the number of processes ({world})")
     master = rank == 0
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(stream_seed(cfg, "init"))
     train_set, val_set, tok, caps = caption_data(cfg)
     clip, tcfg = load_teacher(cfg, device) if cfg.objective in TAUGHT else (None, None)
     model = build_model(cfg, len(tok), length_histogram(caps, cfg.max_len), tcfg).to(device)
@@ -999,7 +1010,7 @@ def train(cfg, callback=None):
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    stream = data.batches(train_set, start, cfg.batch_size, cfg.seed, rank, world, cfg.num_workers, device)
+    stream = data.batches(train_set, start, cfg.batch_size, stream_seed(cfg, "data"), rank, world, cfg.num_workers, device)
     if cfg.bench:
         return bench(cfg, train_model, opt, tok, stream, rank, world)
 
@@ -1009,6 +1020,10 @@ def train(cfg, callback=None):
             f.write(",".join(LOG_COLUMNS) + "\n")
     end = min(cfg.steps, start + cfg.stop_after) if cfg.stop_after else cfg.steps
     bar = tqdm(initial=start, total=cfg.steps, disable=None if master else True, dynamic_ncols=True)
+    # how the run was made, saved in every checkpoint and copied into probe.py's result files
+    spent = (ckpt.get("provenance") or {}).get("train_seconds", 0.0) if cfg.resume else 0.0
+    made = dict(threads=torch.get_num_threads(), processes=world, device=str(device), commit=code_version(),
+                cpu=cpu_name(), torch=str(torch.__version__))
     losses, norms, t0, seen = [], [], time.time(), 0  # losses and norms since the last log row
     for step in range(start, end):
         imgs, x = device_batch(*next(stream), tok, cfg, step, rank, world)
@@ -1044,9 +1059,10 @@ def train(cfg, callback=None):
         if callback:
             callback(row)
         if done % cfg.ckpt_every == 0 or done == end:
-            save_checkpoint(ckpt_path, model, opt, cfg, tok, done, ema)
+            made["train_seconds"] = spent + time.time() - t0
+            save_checkpoint(ckpt_path, model, opt, cfg, tok, done, ema, made)
             if cfg.keep_ckpts:  # the model alone: enough to probe, a fifth of the size
-                save_checkpoint(os.path.join(cfg.out_dir, f"step{done}.pt"), model, None, cfg, tok, done, ema)
+                save_checkpoint(os.path.join(cfg.out_dir, f"step{done}.pt"), model, None, cfg, tok, done, ema, made)
     bar.close()
     if world > 1:
         check_ranks_in_sync(model, master)
@@ -1062,16 +1078,38 @@ def train(cfg, callback=None):
 # Checkpoints and resume
 
 
-def save_checkpoint(path, model, opt, cfg, tok, step, ema=None):
+def save_checkpoint(path, model, opt, cfg, tok, step, ema=None, provenance=None):
     """Plain tensors, numbers and strings only, so torch.load(..., weights_only=True) reads it.
-    Written to a temporary file and renamed: a crash never leaves half a checkpoint."""
+    Written to a temporary file and renamed: a crash never leaves half a checkpoint. provenance:
+    how the run was made (threads, processes, device, commit, cpu, torch, train_seconds so far)."""
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None, "ema": ema,
-            "config": asdict(cfg), "vocab": tok.itos, "step": step,
+            "config": asdict(cfg), "vocab": tok.itos, "step": step, "provenance": provenance,
             "rng": torch.get_rng_state(), "torch_version": str(torch.__version__),
             "teacher_config": asdict(model.teacher_cfg) if hasattr(model, "teacher_cfg") else None}  # milan
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def code_version():
+    """The git commit of this checkout, '+dirty' where a tracked .py file differs from it; '' outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "*.py").stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git here
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else ""
+
+
+def cpu_name():
+    """The CPU's model name (Linux's /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def read_checkpoint(path, device="cpu"):
@@ -1491,6 +1529,7 @@ def check_config(c):
         ("z_loss", c.z_loss >= 0, ">= 0"), ("num_workers", c.num_workers >= 0, ">= 0"),
         ("eval_every", c.eval_every >= 0, ">= 0 (0 = never)"), ("ckpt_every", c.ckpt_every >= 1, ">= 1"),
         ("log_every", c.log_every >= 1, ">= 1"), ("sample_steps", c.sample_steps >= 0, ">= 0 (0 = one token per step)"),
+        *((f"{k}_seed", getattr(c, f"{k}_seed") >= -1, ">= 0, or -1 for --seed") for k in ("init", "data", "noise")),
         ("stop_after", c.stop_after >= 0, ">= 0 (0 = run to --steps)"), ("bench_steps", c.bench_steps >= 1, ">= 1"),
         ("mask_ratio", all(1 <= int(n_patches * (1 - m)) < n_patches for m in (c.mask_ratio, c.umd_mask_noised)),
          f"such that at least one of the {n_patches} patches is visible and one hidden (so must --umd_mask_noised)"),

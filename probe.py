@@ -905,7 +905,7 @@ def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
         st = os.stat(path)
         key = dict(path=os.path.abspath(path), size=st.st_size, mtime=st.st_mtime_ns, **({"weights": "ema"} if ema else {}))
         encs.append(dict(name=s, kind="ckpt", cfg=cfg, model=model, tok=tok, encoder=model.encoder, step=ckpt.get("step"),
-                         weights=weights, key=key))
+                         weights=weights, key=key, made=ckpt.get("provenance")))
         ref = ref or cfg
     if ref is None:
         ref = mdc.parse_args([f"--model={preset}"] + ([f"--img_size={img_size}"] if img_size else []))
@@ -1210,7 +1210,9 @@ def main(argv):
         e["cfg"] = replace(e["cfg"], dtype=args.dtype or e["cfg"].dtype)
     if not any(e["kind"] == "ckpt" and RULES[e["cfg"].objective] for e in encs):  # no encoder here scores captions
         do_zs = do_comp = do_ret = do_sig = False
+    t_start = time.perf_counter()
     datasets, caption_sets, results = {}, {}, {"command": command, "machine": machine(), "device": str(device),
+                                               "threads": torch.get_num_threads(), "commit": mdc.code_version(),
                                                "args": vars(args), "encoders": []}
     for e in encs:
         t0 = time.perf_counter()
@@ -1250,7 +1252,7 @@ def main(argv):
         log(f"done in {time.perf_counter() - t0:.0f} s")
         results["encoders"].append(dict(name=e["name"], kind=e["kind"], objective=cfg.objective if e["kind"] == "ckpt" else None,
                                         step=e.get("step"), init_seed=e.get("init_seed"), config=asdict(cfg), metrics=m,
-                                        **({"weights": e["weights"]} if e["kind"] == "ckpt" else {})))
+                                        **({"weights": e["weights"], "training": e["made"]} if e["kind"] == "ckpt" else {})))
     parts = [f"zero-shot on {args.n_eval} images"] if do_zs else []
     parts += [f"compositionality on {args.n_eval} {captions} val captions"] if do_comp else []
     parts += [f"retrieval on {args.n_retrieval} {captions} val pairs"] if do_ret else []
@@ -1273,6 +1275,7 @@ def main(argv):
     if args.plot:
         plot_signal(results, args.plot)
         print(f"wrote {args.plot}")
+    results["probe_seconds"] = time.perf_counter() - t_start
     if args.json:
         save_json(args.json, results)
         print(f"\nwrote {args.json}")
