@@ -799,21 +799,29 @@ def run_flags(e, defaults, args=None):
             "probe_data": args.get("dataset", "shapes"), "probe_tie": "-" if tie is None else tie}
 
 
-def run_rows(results, metric):
-    """[(flags, seed, value)] of one metric over the encoders of many results dicts. A checkpoint's
+def run_rows(results, metric, seed_of="seed"):
+    """[(flags, seed, value, wall)] of one metric over the encoders of many results dicts. A checkpoint's
     flags are its config; a floor's are {"objective": "random"} or {"objective": "pixels"} with
     its init seed (--ckpt=random:S), so the floors are groups of their own. A flag that a result's
     config lacks was added to Config after the run, and takes its default: a new flag's default is
-    the behaviour the code had before it (a run from before --hide_length is one with it off)."""
+    the behaviour the code had before it (a run from before --hide_length is one with it off).
+    seed_of: the config field that numbers the replicates (init_seed, data_seed or noise_seed: one
+    random stream alone; -1 reads as --seed). wall: the run's training seconds plus its share of the
+    probe's, where the result file records them (None before it did)."""
     rows, defaults = [], asdict(mdc.Config())
     for r in results:
+        n_ckpt = sum(e["kind"] == "ckpt" for e in r["encoders"]) or 1
         for e in r["encoders"]:
+            wall = None
             if e["kind"] == "ckpt":
-                flags, seed = run_flags(e, defaults, r.get("args")), e["config"]["seed"]
+                flags = run_flags(e, defaults, r.get("args"))
+                seed = flags[seed_of] if flags[seed_of] >= 0 else flags["seed"]
+                if (e.get("training") or {}).get("train_seconds") is not None and r.get("probe_seconds") is not None:
+                    wall = e["training"]["train_seconds"] + r["probe_seconds"] / n_ckpt
             else:
                 flags, seed = {"objective": e["kind"]}, e.get("init_seed", 0)
             if (v := metric_value(e["metrics"], metric, e.get("objective"))) is not None:
-                rows.append((flags, seed, v))
+                rows.append((flags, seed, v, wall))
     return rows
 
 
@@ -829,46 +837,99 @@ def same(value, text):
     return str(value) == text
 
 
-def summarize(results, by, metric, diffs=()):
+def mixed_flags(flag_sets, named):
+    """{flag: [values]} of the flags in which runs of one cell (one group, one seed) differ, leaving out the
+    flags named in the grouping and those that do not change the weights (mdc.BOOKKEEPING)."""
+    skip = set(named) | set(mdc.BOOKKEEPING) | {"seed"}
+    keys = set().union(*flag_sets) - skip
+    vals = {k: sorted({json.dumps(f.get(k)) for f in flag_sets}) for k in keys}
+    return {k: [json.loads(v) for v in vs] for k, vs in vals.items() if len(vs) > 1}
+
+
+def summarize(results, by, metric, diffs=(), pool=(), seed_of="seed", report=None):
     """Per group of the `by` flags: (n, mean, sd, 95% half-width) of metric over its seeds. With diffs
     [(flag, a, b), ...]: the paired contrast instead, per group of the `by` flags that are not contrasted
     and per seed that has every cell: A - B for one diff, (A1 - B1) - (A2 - B2) (the interaction) for two.
-    Runs of one seed that the named flags do not tell apart are averaged first (name the flags to keep
-    them apart). Returns {group tuple: (stats, {seed: value})}."""
-    rows = run_rows(results, metric)
+    Runs of one seed in one cell that differ in a flag neither `by`, `diffs` nor `pool` names are an
+    error that lists the flags (name them to keep the runs apart); flags in `pool` are averaged over
+    within each seed, and report["pooled"] says over which values; report["reruns"] counts cells that
+    averaged runs of identical flags (reruns), report["walls"][group] the recorded seconds of its runs.
+    Returns {group tuple: (stats, {seed: value})}."""
+    report = {} if report is None else report
+    rows = run_rows(results, metric, seed_of)
+    named = set(by) | {d[0] for d in diffs} | set(pool) | {seed_of}
     key = lambda flags: tuple(flags.get(f, "-") for f in by if f not in [d[0] for d in diffs])
-    if not diffs:
-        cells = {}
-        for flags, seed, v in rows:
-            cells.setdefault(key(flags), {}).setdefault(seed, []).append(v)
-        return {k: (mean_ci([np.mean(v) for v in per_seed.values()]), {s: float(np.mean(v)) for s, v in per_seed.items()})
-                for k, per_seed in cells.items()}
-    contrast = {}
-    for flags, seed, v in rows:
-        signs = []
-        for f, a, b in diffs:
-            signs.append(1 if f in flags and same(flags[f], a) else -1 if f in flags and same(flags[f], b) else 0)
-        if 0 in signs:
-            continue
-        contrast.setdefault(key(flags), {}).setdefault(seed, {}).setdefault(tuple(signs), []).append(v)
+    cells = {}   # group -> seed -> cell (signs of the diffs; () without) -> [(flags, value, wall)]
+    for flags, seed, v, wall in rows:
+        signs = tuple(1 if f in flags and same(flags[f], a) else -1 if f in flags and same(flags[f], b) else 0
+                      for f, a, b in diffs)
+        if 0 not in signs:
+            cells.setdefault(key(flags), {}).setdefault(seed, {}).setdefault(signs, []).append((flags, v, wall))
+    report.setdefault("pooled", {}), report.setdefault("walls", {})
+    report["reruns"] = 0
+    for k, per_seed in cells.items():
+        for seed, per_cell in per_seed.items():
+            for runs in per_cell.values():
+                flag_sets = [f for f, _, _ in runs]
+                if bad := mixed_flags(flag_sets, named):
+                    raise data.UsageError(
+                        f"--summary: runs of seed {seed} in group {k} differ in {', '.join(f'{f} {v}' for f, v in sorted(bad.items()))}: "
+                        f"name the flags (--summary=...,{','.join(sorted(bad))}) to keep them apart, narrow --from_json, "
+                        f"or --pool={','.join(sorted(bad))} to average them")
+                for f, vals in mixed_flags(flag_sets, set(by) | {d[0] for d in diffs} | {seed_of}).items():
+                    report["pooled"].setdefault(f, set()).update(json.dumps(x) for x in vals)
+                ckpts = [f for f in flag_sets if f.get("objective") not in ("random", "pixels")]
+                report["reruns"] += len(ckpts) > 1 and not mixed_flags(ckpts, {seed_of})
+    cell_mean = lambda runs: float(np.mean([v for _, v, _ in runs]))
     out = {}
-    for k, per_seed in contrast.items():   # a seed's runs in one cell are averaged first, as without diffs
-        full = {s: sum(float(np.prod(cell)) * float(np.mean(vs)) for cell, vs in c.items())
-                for s, c in per_seed.items() if len(c) == 2 ** len(diffs)}  # every cell present
+    for k, per_seed in cells.items():   # a seed's runs in one cell are averaged first
+        if not diffs:
+            full = {s: cell_mean(c[()]) for s, c in per_seed.items()}
+        else:
+            full = {s: sum(float(np.prod(cell)) * cell_mean(runs) for cell, runs in c.items())
+                    for s, c in per_seed.items() if len(c) == 2 ** len(diffs)}  # every cell present
         if full:
             out[k] = (mean_ci(list(full.values())), full)
+            report["walls"][k] = [w for s in full for runs in per_seed[s].values() for _, _, w in runs]
     return out
 
 
-def summary_table(results, by, metric, diffs=()):
-    """summarize() as a markdown table: group, n, mean, sd, the 95% interval, and each seed's value."""
-    res = summarize(results, by, metric, diffs)
+def seeds_needed(sd, half_width):
+    """Seeds per arm for a 95% interval of +- half_width at standard deviation sd: the smallest n >= 2
+    with t975(n - 1) sd / sqrt(n) <= half_width (Student t; the sd taken as known)."""
+    if sd != sd:
+        return None
+    n = 2
+    while t975(n - 1) * sd / math.sqrt(n) > half_width:
+        n += 1
+    return n
+
+
+def settle_minutes(n, cells, walls):
+    """Two-core minutes for n seeds of each of `cells` arms, two runs at a time, at the mean recorded
+    seconds of a run; None where a run's seconds are not recorded."""
+    if n is None or not walls or None in walls:
+        return None
+    return n * cells * float(np.mean(walls)) / 2 / 60
+
+
+def summary_table(results, by, metric, diffs=(), pool=(), seed_of="seed"):
+    """summarize() as a markdown table: group, n, mean, sd, the 95% interval, and each seed's value. For a
+    paired difference also the seeds per arm a 95% interval of +-3 and +-5 points needs at its sd, and what
+    they cost in two-core minutes from the runs' recorded seconds (two runs at a time)."""
+    report = {}
+    res = summarize(results, by, metric, diffs, pool, seed_of, report)
     cols = [f for f in by if f not in [d[0] for d in diffs]]
     title = (f"{metric}, paired by seed: " + " x ".join(f"({f}={a}) - ({f}={b})" for f, a, b in diffs)) if diffs else metric
-    lines = [f"{title} (mean, sd and 95% interval over seeds, Student t)", "",
-             "| " + " | ".join(cols + ["n", "mean", "sd", "95% interval"] + (["interval excludes 0"] if diffs else [])
-                               + ["per seed"]) + " |",
-             "|" + "---|" * (len(cols) + 5 + bool(diffs))]
+    lines = [f"{title} (mean, sd and 95% interval over seeds, Student t)" + (f"; seeds numbered by {seed_of}" if seed_of != "seed" else "")]
+    if report["pooled"]:
+        lines.append("averaged within each seed over: " + "; ".join(f"{f} ({', '.join(sorted(v))})" for f, v in sorted(report["pooled"].items())))
+    if report["reruns"]:
+        lines.append(f"{report['reruns']} cell(s) average reruns of the same flags and seed")
+    settle = diffs and metric not in RAW     # seeds and minutes to settle, in points
+    lines += ["", "| " + " | ".join(cols + ["n", "mean", "sd", "95% interval"] + (["interval excludes 0"] if diffs else [])
+                                    + (["seeds for ±3 / ±5", "2-core min for ±3 / ±5"] if settle else []) + ["per seed"]) + " |",
+              "|" + "---|" * (len(cols) + 5 + bool(diffs) + 2 * bool(settle))]
     fmt = ("{:+.2f}" if metric in RAW else "{:+.1f}") if diffs else "{:.2f}" if metric in RAW else "{:.1f}"
     order = lambda k: tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in k)   # 640 before 1280
     for k, ((n, m, sd, h), per_seed) in sorted(res.items(), key=lambda kv: order(kv[0])):
@@ -876,7 +937,13 @@ def summary_table(results, by, metric, diffs=()):
         seeds = ", ".join(f"{s}: {fmt.format(v)}" for s, v in sorted(per_seed.items()))
         sd_txt = "-" if sd != sd else f"{sd:.{2 if metric in RAW else 1}f}"
         verdict = ["-" if h != h else "yes" if abs(m) > h else "no: level"] if diffs else []
-        lines.append("| " + " | ".join([str(x) for x in k] + [str(n), fmt.format(m), sd_txt, ci] + verdict + [seeds]) + " |")
+        extra = []
+        if settle:
+            need = [seeds_needed(sd, w) for w in (3, 5)]
+            mins = [settle_minutes(x, 2 ** len(diffs), report["walls"][k]) for x in need]
+            extra = [" / ".join("-" if x is None else str(x) for x in need),
+                     " / ".join("-" if x is None else f"{x:.0f}" for x in mins)]
+        lines.append("| " + " | ".join([str(x) for x in k] + [str(n), fmt.format(m), sd_txt, ci] + verdict + extra + [seeds]) + " |")
     return "\n".join(lines)
 
 
@@ -1133,6 +1200,10 @@ def parse(argv):
                                                    "--from_json runs, per group of these comma-separated flags (e.g. objective,t_min)")
     p.add_argument("--diff", action="append", default=[], help="--summary: FLAG:A,B, the paired-by-seed difference (FLAG=A) - "
                                                                "(FLAG=B) instead; twice: the interaction (a difference of differences)")
+    p.add_argument("--pool", default="", help="--summary: comma-separated flags whose runs of one seed may be averaged "
+                                               "(without it, runs that differ in a flag the grouping does not name are an error)")
+    p.add_argument("--seed_of", default="seed", choices=["seed", "init_seed", "data_seed", "noise_seed"],
+                   help="--summary: the flag that numbers the replicates (one random stream alone; -1 reads as --seed)")
     p.add_argument("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
     p.add_argument("--export_timm", default=None, metavar="PATH", help="no probing: write the --ckpt's encoder as a file for "
                    "timm (model_name, kwargs, state_dict, mean, std; README.md says how to load it)")
@@ -1152,6 +1223,9 @@ def parse(argv):
     a.from_json = [f for pat in a.from_json for f in (sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat])
                    or p.error(f"--from_json={pat}: no file matches")]
     a.diff = [(f, *ab.split(",", 1)) for f, _, ab in (d.partition(":") for d in a.diff)]
+    a.pool = [f for f in a.pool.split(",") if f]
+    if a.json and os.path.exists(a.json):
+        p.error(f"--json={a.json} exists: a result file is never overwritten; give the rerun its own name")
     if any(len(d) != 3 for d in a.diff):
         p.error("--diff expects FLAG:A,B, e.g. --diff=objective:mdc,ar")
     if a.export_timm:
@@ -1190,7 +1264,8 @@ def main(argv):
         return export_timm(args.ckpt[0], args.export_timm)
     if args.summary is not None:
         results = [load_json(f) for f in args.from_json]
-        tables = [summary_table(results, [f for f in args.summary.split(",") if f], m, args.diff) for m in args.metrics.split(",")]
+        tables = [summary_table(results, [f for f in args.summary.split(",") if f], m, args.diff, args.pool, args.seed_of)
+                  for m in args.metrics.split(",")]
         print("\n\n".join(tables))
         return tables
     if args.plot_vs:

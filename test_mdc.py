@@ -2112,7 +2112,7 @@ def test_runs_that_differ_only_in_bookkeeping_are_one_line_and_ema_weights_anoth
     assert varying == ["weights"] and groups == {("final",): {0.5: [60.0, 70.0], 0.75: [50.0]}, ("ema",): {0.5: [80.0]}}
     d = probe.summarize(res, ["weights", "t_min"], "ridge top1", [("weights", "ema", "final")])
     assert list(d) == [(0.5,)] and d[(0.5,)][1] == {1: 10.0}      # seed 1 alone has both
-    table = probe.summary_table(res + [{"encoders": [run(0, 0.4, steps=1280)]}], ["steps"], "ridge top1")
+    table = probe.summary_table(res + [{"encoders": [run(0, 0.4, steps=1280)]}], ["steps"], "ridge top1", pool=["t_min", "weights"])
     assert table.index("| 640 |") < table.index("| 1280 |")                 # numbers in their order, not as text
 
 
@@ -2202,8 +2202,13 @@ def test_summary_means_intervals_and_paired_contrasts_against_hand_computations(
     groups = probe.summarize(res, ["objective", "alias"], "ridge top1")
     assert close(groups[("mdc", 0)][0], by_hand([60, 70, 80])) and close(groups[("ar", 2)][0], by_hand([52, 70, 80, 99]))
     assert close(groups[("random", "-")][0], by_hand([30, 40]))                       # the floors: a group over init seeds
-    # fewer flags than the runs differ in: a seed's runs are averaged first (nats stay nats)
-    assert close(probe.summarize(res, ["objective"], "signal shape word")[("mdc",)][0], by_hand([6.5, 7.25, 8.5]))
+    # fewer flags than the runs differ in: an error, unless --pool names the flag; then a seed's runs are averaged first
+    with pytest.raises(data.UsageError, match=r"differ in alias \[0, 2\].*--pool=alias"):
+        probe.summarize(res, ["objective"], "signal shape word")
+    report = {}
+    assert close(probe.summarize(res, ["objective"], "signal shape word", pool=["alias"], report=report)[("mdc",)][0],
+                 by_hand([6.5, 7.25, 8.5]))                                        # nats stay nats
+    assert report["pooled"] == {"alias": {"0", "2"}} and report["reruns"] == 0
     # paired by seed: mdc - ar at alias 0 -> 10, -2, 6
     d = probe.summarize(res, ["objective", "alias"], "ridge top1", [("objective", "mdc", "ar")])
     assert close(d[(0,)][0], by_hand([10, -2, 6])) and d[(0,)][1] == {0: 10, 1: -2, 2: 6}
@@ -2216,9 +2221,9 @@ def test_summary_means_intervals_and_paired_contrasts_against_hand_computations(
     assert probe.summarize(old, ["objective", "alias"], "ridge top1") == groups
     # a paired contrast over fewer flags than the runs differ in: each seed's runs in a cell are averaged first,
     # not overwritten: mdc - ar over alias 0 and 2 -> 65 - 51, 72.5 - 71, 85 - 77 (seed 3 has no mdc)
-    avg = probe.summarize(res, ["objective"], "ridge top1", [("objective", "mdc", "ar")])
+    avg = probe.summarize(res, ["objective"], "ridge top1", [("objective", "mdc", "ar")], pool=["alias"])
     assert close(avg[()][0], by_hand([14, 1.5, 8])) and avg[()][1] == {0: 14, 1: 1.5, 2: 8}
-    z = probe.summarize(res, ["objective"], "zero-shot")                                # per-rule: the objective's rule
+    z = probe.summarize(res, ["objective"], "zero-shot", pool=["alias"])                              # per-rule: the objective's rule
     assert close(z[("ar",)][0], by_hand([25.5, 35.5, 38.5, 49.5]))
     for k, r in enumerate(res):
         probe.save_json(tmp_path / f"{k}.json", r)
@@ -2310,3 +2315,39 @@ def test_tutorial_notebook_runs_every_cell_in_smoke_mode(tmp_path, monkeypatch):
         finally:
             plt.close("all")
     assert ns["SMOKE"] and ns["TIMES"]["whole notebook"] > 0
+
+
+def test_summary_gives_seeds_and_two_core_minutes_to_settle_a_difference_by_hand(tmp_path, capsys):
+    """For a paired difference the table adds the seeds per arm that a 95% interval of +-3 and +-5 points
+    needs at the measured sd (smallest n with t(n-1) sd / sqrt(n) <= w), and their cost in two-core
+    minutes from the runs' recorded seconds (training + the probe's share, two runs at a time)."""
+    res = made_up_results()
+    for r in res:                       # every run: 400 s of training, files of one checkpoint probed in 40 s
+        r["probe_seconds"] = 40.0 * sum(e["kind"] == "ckpt" for e in r["encoders"])
+        for e in r["encoders"]:
+            e["training"] = {"train_seconds": 400.0}
+    sd = by_hand([10, -2, 6])[2]        # mdc - ar at alias 0: 10, -2, 6
+    t = {k: v for k, v in zip(range(1, 31), probe.T975)}
+    need = lambda w: next(n for n in range(2, 1000) if t.get(n - 1, 1.96) * sd / math.sqrt(n) <= w)
+    assert [probe.seeds_needed(sd, w) for w in (3, 5)] == [need(3), need(5)] == [19, 9]
+    assert probe.seeds_needed(float("nan"), 3) is None
+    table = probe.summary_table(res, ["objective", "alias"], "ridge top1", [("objective", "mdc", "ar")])
+    minutes = lambda n: n * 2 * 440 / 2 / 60                                    # n seeds x 2 arms x 440 s, two at a time
+    assert f"| 19 / 9 | {minutes(19):.0f} / {minutes(9):.0f} |" in table.splitlines()[4], table
+    del res[0]["probe_seconds"]         # a file from before the seconds were recorded: no minutes
+    assert "| 19 / 9 | - / - |" in probe.summary_table(res, ["objective", "alias"], "ridge top1", [("objective", "mdc", "ar")])
+
+
+def test_summary_numbers_replicates_by_one_random_stream_and_counts_reruns():
+    """--seed_of=init_seed: runs that share --seed and vary --init_seed alone are replicates of one group
+    (-1 reads as --seed); without it they are one seed that differs in init_seed: an error."""
+    base = mdc.asdict(tiny_cfg())
+    run = lambda acc, **cfg: dict(name="r", kind="ckpt", objective="mdc", metrics={"ridge top1": acc}, config={**base, **cfg})
+    res = [{"encoders": [run(0.6), run(0.7, init_seed=1), run(0.8, init_seed=2), run(0.5, data_seed=1)]}]
+    with pytest.raises(data.UsageError, match="init_seed"):
+        probe.summarize(res, ["objective"], "ridge top1")
+    by = probe.summarize(res, ["data_seed"], "ridge top1", seed_of="init_seed")
+    assert by[(-1,)][1] == {0: 60.0, 1: 70.0, 2: 80.0} and by[(1,)][1] == {0: 50.0}
+    report = {}
+    twice = probe.summarize([{"encoders": [run(0.6), run(0.8)]}], ["objective"], "ridge top1", report=report)
+    assert twice[("mdc",)][1] == {0: 70.0} and report["reruns"] == 1
