@@ -768,6 +768,18 @@ def t975(df):
     return T975[df - 1] if df <= len(T975) else z + (z ** 3 + z) / (4 * df)
 
 
+def t_pvalue(t, df):
+    """Two-sided p-value of Student's t statistic with df degrees of freedom: 1 - 2 * the integral of
+    the t density from 0 to |t| (Simpson's rule on 2,000 intervals: no scipy needed)."""
+    if df < 1 or t != t:
+        return float("nan")
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    x = np.linspace(0, abs(t), 2001)
+    f = c * (1 + x ** 2 / df) ** (-(df + 1) / 2)
+    area = (x[1] - x[0]) / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    return float(min(1.0, max(0.0, 1 - 2 * area)))
+
+
 def mean_ci(values):
     """(n, mean, standard deviation, half-width of the 95% interval); sd and interval nan for n < 2."""
     v = np.asarray(values, dtype=float)
@@ -927,16 +939,17 @@ def summary_table(results, by, metric, diffs=(), pool=(), seed_of="seed"):
     if report["reruns"]:
         lines.append(f"{report['reruns']} cell(s) average reruns of the same flags and seed")
     settle = diffs and metric not in RAW     # seeds and minutes to settle, in points
-    lines += ["", "| " + " | ".join(cols + ["n", "mean", "sd", "95% interval"] + (["interval excludes 0"] if diffs else [])
+    lines += ["", "| " + " | ".join(cols + ["n", "mean", "sd", "95% interval"] + (["interval excludes 0", "p (paired t)"] if diffs else [])
                                     + (["seeds for ±3 / ±5", "2-core min for ±3 / ±5"] if settle else []) + ["per seed"]) + " |",
-              "|" + "---|" * (len(cols) + 5 + bool(diffs) + 2 * bool(settle))]
+              "|" + "---|" * (len(cols) + 5 + 2 * bool(diffs) + 2 * bool(settle))]
     fmt = ("{:+.2f}" if metric in RAW else "{:+.1f}") if diffs else "{:.2f}" if metric in RAW else "{:.1f}"
     order = lambda k: tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in k)   # 640 before 1280
     for k, ((n, m, sd, h), per_seed) in sorted(res.items(), key=lambda kv: order(kv[0])):
         ci = "-" if h != h else f"{fmt.format(m)} ± {h:.{2 if metric in RAW else 1}f} [{fmt.format(m - h)}, {fmt.format(m + h)}]"
         seeds = ", ".join(f"{s}: {fmt.format(v)}" for s, v in sorted(per_seed.items()))
         sd_txt = "-" if sd != sd else f"{sd:.{2 if metric in RAW else 1}f}"
-        verdict = ["-" if h != h else "yes" if abs(m) > h else "no: level"] if diffs else []
+        p = t_pvalue(m / (sd / math.sqrt(n)) if sd > 0 else float("nan"), n - 1) if n > 1 else float("nan")
+        verdict = ["-" if h != h else "yes" if abs(m) > h else "no: level", "-" if p != p else f"{p:.3f}"] if diffs else []
         extra = []
         if settle:
             need = [seeds_needed(sd, w) for w in (3, 5)]

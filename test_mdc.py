@@ -2351,3 +2351,11 @@ def test_summary_numbers_replicates_by_one_random_stream_and_counts_reruns():
     report = {}
     twice = probe.summarize([{"encoders": [run(0.6), run(0.8)]}], ["objective"], "ridge top1", report=report)
     assert twice[("mdc",)][1] == {0: 70.0} and report["reruns"] == 1
+
+
+def test_t_pvalue_matches_the_t_table():
+    """At the 97.5% quantiles the two-sided p-value is 0.05; at t = 0 it is 1; the normal limit at large df."""
+    for df in (1, 2, 4, 9, 30):
+        assert abs(probe.t_pvalue(probe.t975(df), df) - 0.05) < 2e-4
+    assert probe.t_pvalue(0.0, 4) == pytest.approx(1.0) and abs(probe.t_pvalue(1.959964, 10_000) - 0.05) < 1e-3
+    assert abs(probe.t_pvalue(-4.604, 4) - 0.01) < 2e-4                 # the 99.5% quantile of t(4), from a printed table
