@@ -281,7 +281,7 @@ PROBE_TASKS = {  # name -> (number of classes, label of a single-object scene)
     "color": (len(COLORS), lambda a: a["color"][:, 0]),
     "shape_color": (len(SHAPES) * len(COLORS), lambda a: a["shape"][:, 0] * len(COLORS) + a["color"][:, 0]),
 }
-PROBE_SEED = 12345  # probe scenes come from another seed than pre-training: no probe image was seen in training
+PROBE_WORLD = 12345  # added to the seed of the probe scenes: another world than pre-training, no probe image was seen in training
 PROBE_TEST_OFFSET = 1 << 41  # the probe's test scenes are indices from here on, far from the training scenes' 0, 1, ...
 
 
@@ -312,7 +312,7 @@ def probe_scenes(split, n, seed=0, subset=None):
     is then probed where the colour's shortcut holds and where it fails, the classifier fitted as before."""
     m = n if subset is None else 8 * n + 64   # 1 scene in 6 has the implied shape: 8n + 64 hold n of them
     idx = np.arange(m, dtype=np.int64) + (0 if split == "train" else PROBE_TEST_OFFSET)
-    attrs = scene_attributes(seed + PROBE_SEED, idx, n_objects=1, spread=PROBE_SPREAD)
+    attrs = scene_attributes(seed + PROBE_WORLD, idx, n_objects=1, spread=PROBE_SPREAD)
     if subset is not None:
         keep = np.flatnonzero(PROBE_SUBSETS[subset](attrs))[:n]
         assert len(keep) == n, f"{len(keep)} {subset} scenes among {m}"
@@ -329,7 +329,7 @@ def shapes_probe(task="shape", n_train=5000, n_test=2000, img_size=32, seed=0, s
     out = []
     for split, n in (("train", n_train), ("test", n_test)):
         idx, attrs = probe_scenes(split, n, seed, subset if split == "test" else None)
-        out += [render(attrs, img_size, seed + PROBE_SEED, idx), torch.from_numpy(label(attrs).astype(np.int64))]
+        out += [render(attrs, img_size, seed + PROBE_WORLD, idx), torch.from_numpy(label(attrs).astype(np.int64))]
     return (*out, n_classes)
 
 

@@ -70,7 +70,7 @@ class Config:
     # objective knobs
     t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (why 0.5: lower loses the shape probe, 0.001 by 22.6 points on 3 seeds; 0.75 and 1 are level: RESULTS.md section 2, the t range)
     mdc_weight: str = "elbo"    # mdc: elbo = 1/t-weighted masked CE over real tokens; none = mean masked CE
-    antithetic: bool = True     # mdc: low-discrepancy t across the batch (MDLM), lowers loss variance
+    antithetic: bool = True     # mdc: stratified t across the batch, (u0 + i/B) mod 1 (MDLM-style), lowers loss variance
     # Off by default, a deviation: [PAD] is never masked nor a key, so mdc and cappa's parallel branch know the
     # length. big_vision's cappa.py masks and attends over all (its loss skips pads); LLaDA masks and predicts pads.
     # With it on, mdc's shape probe stayed at the random-init floor on 3 seeds (RESULTS.md section 5); cappa level.
@@ -308,8 +308,8 @@ class Model(nn.Module):
         elif cfg.objective in CAPTIONERS:
             self.head = nn.Linear(cfg.width, vocab_size, bias=False)
         self.add_parts(cfg, teacher_cfg)
-        # the token ids that count in ar's loss (all; --alias_loss=false turns the aliases off, see train)
-        self.register_buffer("scored", torch.ones(vocab_size, dtype=torch.bool), persistent=False)
+        # the ids of the shapes world's alias words in this vocabulary (build sets them; ar_loss's control)
+        self.register_buffer("alias_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         # caption-length prior (counts of lengths incl. [EOS]); mdc generation draws L' from it
         self.register_buffer("len_hist", torch.ones(cfg.max_len + 1) if len_hist is None else len_hist.float())
         self.apply(self._init)
@@ -372,7 +372,7 @@ def draw_noise(cfg, B, step, salt=0):
     DDP run (each rank slices the global draw) see the same. The fields are drawn in the order
     above, each after the last, so adding one changes none before it."""
     g = torch.Generator().manual_seed(stream_seed(cfg, "noise") * 1_000_003 + step * 7 + salt)
-    if cfg.antithetic:  # MDLM: u_i = (u0 + i/B) mod 1 spreads t evenly over the batch
+    if cfg.antithetic:  # u_i = (u0 + i/B) mod 1: one shared offset u0 for every stratum (MDLM jitters each stratum)
         u = (torch.rand(1, generator=g) + torch.arange(B) / B) % 1
         u = u[torch.randperm(B, generator=g)]  # so no rank gets only the small t's
     else:
@@ -387,20 +387,44 @@ def sample_t(u, t_min):
     return t_min + (1 - t_min) * u
 
 
-def corrupt(x, t, r, hide_length=False):
-    """MDC's forward process: every real token of x (B, L) becomes [MASK] with probability t,
-    t a number or (B,) per caption, decided by its uniform r (B, L) < t; [PAD] stays [PAD]
-    (with hide_length it is masked like a word). Training, scoring and the signal measurements
-    all corrupt through here. Returns (x_t (B, L) ids, masked (B, L) bool)."""
+def corrupt(x, t, r, maskable=None):
+    """MDC's forward process: every maskable token of x (B, L) (default: all but [PAD]) becomes [MASK]
+    with probability t, t a number or (B,) per caption, decided by its uniform r (B, L) < t.
+    Returns (x_t (B, L) ids, masked (B, L) bool)."""
     t = torch.as_tensor(t, dtype=r.dtype, device=r.device).reshape(-1, 1)   # (B or 1, 1)
-    masked = (r[:, :x.shape[1]] < t) & ((x != PAD) | hide_length)            # (B, L)
+    maskable = x != PAD if maskable is None else maskable
+    masked = (r[:, :x.shape[1]] < t) & maskable                             # (B, L)
     return torch.where(masked, MASK, x), masked
 
 
-def positions(x, cfg):
-    """(B, L) bool, the positions the decoder reads: the caption's tokens, [EOS] included, or with
-    --hide_length every position up to max_len, [PAD] included."""
-    return torch.ones_like(x, dtype=torch.bool) if cfg.hide_length else x != PAD
+def shift_right(x):
+    """AR decoder input: [BOS] + x[:-1], so position k predicts x[k] from x[:k]."""
+    return torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)          # (B, L)
+
+
+class Feed(NamedTuple):  # what a caption decoder is shown of a caption x (B, L), and what it is asked
+    inp: torch.Tensor       # (B, L) input ids
+    keys: torch.Tensor      # (B, L) bool, the positions attention may read
+    causal: bool            # left-to-right attention
+    target: torch.Tensor    # (B, L) bool, the positions whose prediction is scored
+
+
+def feed(x, cfg, causal=False, t=1.0, r=None):
+    """How a captioner's decoder sees a caption x (B, L): the one description that training, scoring,
+    the signal and the samplers share. causal (ar, and cappa's AR rows): input [BOS] + x[:-1],
+    left-to-right attention, every real token scored. Masked (mdc, and cappa's parallel rows at
+    t = 1): each token whose uniform r (B, L) is < t becomes [MASK] (r None: every one), full
+    attention, the masked tokens scored.
+    The caption's length, decided here alone: [PAD] is neither masked nor a key, so a masked decoder
+    knows where the caption ends (the count of its keys); --hide_length makes every position up to
+    max_len a key and masks [PAD] like a word (LLaDA), so the decoder must predict the length too. A
+    causal decoder cannot see the pads: they come after every word it predicts."""
+    real = x != PAD                                                         # (B, L) words and [EOS]
+    if causal:
+        return Feed(shift_right(x), real, True, real)
+    seen = real | cfg.hide_length                                           # (B, L)
+    xt, masked = corrupt(x, t, torch.zeros(x.shape, device=x.device) if r is None else r, seen)
+    return Feed(xt, seen, False, masked)
 
 
 def token_ce(logits, x):
@@ -420,18 +444,17 @@ def mdc_loss(model, imgs, x, noise, cfg):
     and the image, weight their cross-entropy by 1/t. With t_min -> 0 this is the masked-diffusion
     bound on -log p(caption | image) per token (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025);
     t_min > 0 leaves out the nearly unmasked captions, which the text alone can fill in."""
-    real = positions(x, cfg)                                   # (B, L) the tokens, [PAD] too with --hide_length
     t = sample_t(noise.u, cfg.t_min)                           # (B,) mask ratio per caption
-    xt, masked = corrupt(x, t, noise.caption, cfg.hide_length)  # (B, L), True = replaced by [MASK]
-    logits = model(imgs, xt, real)                             # (B, L, V), bidirectional
-    ce = token_ce(logits, x) * masked                          # (B, L) CE at masked tokens only
-    if cfg.mdc_weight == "elbo":  # 1/t: each token counts once in expectation, whatever t
-        n = real.sum()
+    f = feed(x, cfg, t=t, r=noise.caption)                     # (B, L) x_t, its keys, the masked positions
+    logits = model(imgs, f.inp, f.keys)                        # (B, L, V), bidirectional
+    ce = token_ce(logits, x) * f.target                        # (B, L) CE at masked tokens only
+    if cfg.mdc_weight == "elbo":  # 1/t: each token counts once in expectation, whatever t (MDLM eq. 10)
+        n = f.keys.sum()
         loss = (ce / t[:, None]).sum() / n
     else:                          # ablation: plain mean CE over the masked tokens
-        n = masked.sum().clamp(min=1)
+        n = f.target.sum().clamp(min=1)
         loss = ce.sum() / n
-    return loss + z_penalty(logits, real, cfg.z_loss), n
+    return loss + z_penalty(logits, f.keys, cfg.z_loss), n
 
 
 # -----------------------------------------------------------------------------
@@ -445,21 +468,20 @@ def generate_mdc(model, imgs, length=None, steps=0, order="confidence", generato
     each as its most likely token: the most confident first (MaskGIT, Chang et al. 2022), or in a
     random order (LLaDA's random remasking at temperature 0; MDLM's ancestral sampler would instead
     draw the tokens and unmask a random number of them). L' is `length` (an int or (B,)) or drawn
-    from the model's caption-length prior; with --hide_length it is max_len, and the model writes
-    the [PAD]s itself. images (B, 3, S, S) -> ids (B, L')."""
+    from the model's caption-length prior, unless the model is not told the length (feed): then it
+    fills all max_len positions and writes the [PAD]s itself. images (B, 3, S, S) -> ids (B, L')."""
     v = model.encoder(imgs)                                             # (B, N, D)
-    B, dev = len(imgs), imgs.device
-    if model.cfg.hide_length:
-        length = model.cfg.max_len
-    elif length is None:
+    B, dev, L = len(imgs), imgs.device, model.cfg.max_len
+    if length is None:
         length = torch.multinomial(model.len_hist[1:].float().cpu(), B, True, generator=generator) + 1
     length = torch.as_tensor(length, device=dev).expand(B)              # (B,) tokens, [EOS] included
-    real = torch.arange(int(length.max()), device=dev)[None] < length[:, None]   # (B, L')
-    x = torch.where(real, MASK, PAD)                                    # (B, L') all masked
-    steps = steps or real.shape[1]
+    f = feed(torch.where(torch.arange(L, device=dev)[None] < length[:, None], MASK, PAD), model.cfg)  # t = 1: all masked
+    W = int(f.keys.any(0).nonzero().max()) + 1                          # the positions the decoder reads
+    x, real, length = f.inp[:, :W], f.keys[:, :W], f.target.sum(1)      # (B, W), (B, W), (B,) to fill
+    steps = steps or W
     for k in range(steps):
         masked = x == MASK
-        conf, pred = model.decode(x, v, real).float().softmax(-1).max(-1)   # (B, L') each
+        conf, pred = model.decode(x, v, real).float().softmax(-1).max(-1)   # (B, W) each
         if order == "random":
             conf = torch.rand(conf.shape, generator=generator).to(dev)
         keep = (length.float() * (1 - (k + 1) / steps)).floor().long()   # (B,) still masked after round k
@@ -474,14 +496,10 @@ def generate_ar(model, imgs, max_len):
     """Greedy left-to-right captions (ar, cappa): images (B, 3, S, S) -> ids (B, max_len).
     Decode with Tokenizer.decode, which stops at [EOS]."""
     v = model.encoder(imgs)                                             # (B, N, D)
-    B, dev = len(imgs), imgs.device
-    x = torch.full((B, max_len), BOS, dtype=torch.long, device=dev)    # x[:, k] is input k
-    out = torch.full((B, max_len), PAD, dtype=torch.long, device=dev)
-    real = torch.ones(B, max_len, dtype=torch.bool, device=dev)
-    for k in range(max_len):  # causal: the dummy inputs after k cannot change position k
-        out[:, k] = model.decode(x, v, real, causal=True)[:, k].argmax(-1)
-        if k + 1 < max_len:
-            x[:, k + 1] = out[:, k]
+    out = torch.full((len(imgs), max_len), MASK, dtype=torch.long, device=imgs.device)  # [MASK]: not written yet
+    for k in range(max_len):  # causal: the positions after k cannot change position k
+        f = feed(out, model.cfg, causal=True)                           # [BOS] + out[:-1]
+        out[:, k] = model.decode(f.inp, v, f.keys, causal=True)[:, k].argmax(-1)
     return out
 
 
@@ -493,24 +511,24 @@ def caption_logprob(model, v, x, rule="loss", K=8, generator=None):
     1/t-weighted masked CE averaged over K (t, mask) draws with t stratified over [t_min, 1] (below
     t_min the model was never trained and the weight 1/t is large); it is the ELBO only as t_min ->
     0; 'pll' = each token masked alone (a pseudo-log-likelihood); 'all' = every token masked at once."""
-    cfg = model.cfg
+    cfg, (B, L) = model.cfg, x.shape
+
+    def nll(w=1.0, **how):                                               # (B,) the scored CE of one feed
+        f = feed(x, cfg, **how)
+        return (token_ce(model.decode(f.inp, v, f.keys, f.causal).float(), x) * f.target * w).sum(1)
     if cfg.objective in CAUSAL:
-        real = x != PAD
-        return -(token_ce(model.decode(shift_right(x), v, real, causal=True).float(), x) * real).sum(1)
-    B, L = x.shape
-    real = positions(x, cfg)                                             # (B, L)
-    nll = lambda xt, masked, w=1.0: (token_ce(model.decode(xt, v, real).float(), x) * masked * w).sum(1)  # (B,)
+        return -nll(causal=True)
     if rule == "all":                                                    # t = 1
-        return -nll(*corrupt(x, 1.0, torch.zeros(B, L, device=x.device), cfg.hide_length))
+        return -nll()
     if rule == "pll":                                                    # r = 0 at k alone: only k is masked
-        pos = torch.arange(L, device=x.device)
-        return -sum(nll(*corrupt(x, 1.0, (pos != k).float().expand(B, L), cfg.hide_length))
-                    for k in range(L) if real[:, k].any())
+        pos, seen = torch.arange(L, device=x.device), feed(x, cfg).keys.any(0)   # (L,), (L,) positions read
+        return -sum(nll(r=(pos != k).float().expand(B, L)) for k in range(L) if seen[k])
     total = torch.zeros(B, device=x.device)
     for k in range(K):  # one t in each K-th of [t_min, 1]: fewer draws for the same accuracy
+        # t_min may be any positive number; below MDLM's 1e-3 the 1/t weight would let rare draws dominate
         t = sample_t((k + torch.rand(B, generator=generator)) / K, max(cfg.t_min, 1e-3)).to(x.device)  # (B,)
         r = torch.rand(B, L, generator=generator).to(x.device)
-        total -= nll(*corrupt(x, t, r, cfg.hide_length), 1 / t[:, None]) / K
+        total -= nll(1 / t[:, None], t=t, r=r) / K
     return total
 
 
@@ -518,29 +536,26 @@ def caption_logprob(model, v, x, rule="loss", K=8, generator=None):
 # The baselines: the same encoder and decoder, another corruption and attention; or contrastive
 
 
-def shift_right(x):
-    """AR decoder input: [BOS] + x[:-1], so position k predicts x[k] from x[:k]."""
-    return torch.cat([torch.full_like(x[:, :1], BOS), x[:, :-1]], 1)          # (B, L)
-
-
 def ar_loss(model, imgs, x, noise, cfg):
-    """Autoregressive captioning: input [BOS] + x[:-1], causal attention, CE on every real token."""
-    real = x != PAD
-    logits = model(imgs, shift_right(x), real, causal=True)
-    scored = real & bare(model).scored[x]                 # (B, L) every real token, unless --alias_loss=false
+    """Autoregressive captioning: input [BOS] + x[:-1], causal attention, CE on every real token.
+    --alias_loss=false (with --alias) leaves the alias words out: a control for their dilution of the loss."""
+    f = feed(x, cfg, causal=True)
+    logits = model(imgs, f.inp, f.keys, causal=True)
+    scored = f.target if cfg.alias_loss else f.target & ~torch.isin(x, bare(model).alias_ids)   # (B, L)
     n = scored.sum()
-    return (token_ce(logits, x) * scored).sum() / n + z_penalty(logits, real, cfg.z_loss), n
+    return (token_ce(logits, x) * scored).sum() / n + z_penalty(logits, f.keys, cfg.z_loss), n
 
 
 def cappa_loss(model, imgs, x, noise, cfg):
     """CapPa (Tschannen et al. 2023; big_vision, models/proj/cappa/cappa.py): with probability
     cappa_frac the input is all [MASK] with full attention (parallel prediction, i.e. MDC at t = 1),
-    otherwise an ordinary AR example; the CE is over the real tokens either way. With --hide_length
-    the parallel branch attends over every position, [PAD] included, as big_vision's does."""
+    otherwise an ordinary AR example; the CE is over the real tokens either way (big_vision's skips
+    the pads). Each branch is fed as feed says: the parallel rows as MDC's at t = 1."""
     real = x != PAD
-    parallel = noise.u < cfg.cappa_frac                                 # (B,)
-    inp = torch.where(parallel[:, None], MASK, shift_right(x))         # (B, L)
-    logits = model(imgs, inp, positions(x, cfg), causal=~parallel)     # the AR rows: causal, so pads come after
+    parallel = noise.u[:, None] < cfg.cappa_frac                        # (B, 1)
+    par, seq = feed(x, cfg), feed(x, cfg, causal=True)                  # (B, L) each: all [MASK] / [BOS] + x[:-1]
+    logits = model(imgs, torch.where(parallel, par.inp, seq.inp), torch.where(parallel, par.keys, seq.keys),
+                   causal=~parallel[:, 0])
     n = real.sum()
     return (token_ce(logits, x) * real).sum() / n + z_penalty(logits, real, cfg.z_loss), n
 
@@ -965,6 +980,21 @@ def evaluate(model, cfg, val, tok, n_batches=4):
 LOG_COLUMNS = ("step", "loss", "grad_norm_median", "grad_norm_max", "lr", "img_s", "val_loss")
 
 
+def build(cfg, device):
+    """Everything a run needs before its first step: (model on device, optimizer, tokenizer, train set,
+    val set, the training captions the tokenizer was built from). The model is initialised from
+    --init_seed (or --seed); milan's frozen teacher is loaded from --teacher."""
+    torch.manual_seed(stream_seed(cfg, "init"))
+    train_set, val_set, tok, caps = caption_data(cfg)
+    clip, tcfg = load_teacher(cfg, device) if cfg.objective in TAUGHT else (None, None)
+    model = build_model(cfg, len(tok), length_histogram(caps, cfg.max_len), tcfg).to(device)
+    if clip is not None:
+        model.copy_teacher(clip)
+    model.encoder.requires_grad_(not cfg.freeze_encoder)
+    model.alias_ids = torch.tensor([tok.stoi[w] for w in data.ALIAS_WORDS if w in tok.stoi], dtype=torch.long, device=device)
+    return model, make_optimizer(model, cfg, device), tok, train_set, val_set, caps
+
+
 def train(cfg, callback=None):
     """Train cfg.objective from scratch or, with --resume, from out_dir/ckpt.pt. Every log
     interval a row (a dict with the keys LOG_COLUMNS; val_loss where it was measured) goes to
@@ -973,105 +1003,104 @@ def train(cfg, callback=None):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ (DiT)
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.resume:  # before any work: a checkpoint of another run stops here
-        if not os.path.exists(ckpt_path):
-            raise UsageError(f"--resume: no checkpoint at {ckpt_path} (set --out_dir to the run's folder)")
-        ckpt = read_checkpoint(ckpt_path)
-        check_resume(ckpt, cfg, ckpt_path)
-        if ckpt["step"] >= cfg.steps:
-            raise UsageError(f"--resume: {ckpt_path} is already at step {ckpt['step']} of --steps={cfg.steps}; "
-                             f"raise --steps to train on")
+    ckpt = resumable(cfg, ckpt_path) if cfg.resume else None    # before any work: another run's checkpoint stops here
     rank, world, device = setup_distributed(pick_device(cfg.device))
     if cfg.batch_size % world:
         raise UsageError(f"--batch_size={cfg.batch_size} must divide by the number of processes ({world})")
     master = rank == 0
-    torch.manual_seed(stream_seed(cfg, "init"))
-    train_set, val_set, tok, caps = caption_data(cfg)
-    clip, tcfg = load_teacher(cfg, device) if cfg.objective in TAUGHT else (None, None)
-    model = build_model(cfg, len(tok), length_histogram(caps, cfg.max_len), tcfg).to(device)
-    if clip is not None:
-        model.copy_teacher(clip)
-    model.encoder.requires_grad_(not cfg.freeze_encoder)
-    if not cfg.alias_loss:  # the control: ar's loss over the real tokens but the aliases
-        model.scored[[tok.stoi[w] for w in data.ALIAS_WORDS if w in tok.stoi]] = False
-    opt = make_optimizer(model, cfg, device)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    start = resume(ckpt, ckpt_path, model, opt, tok, master) if cfg.resume else 0
-    ema = None  # {name: tensor}, the moving average of model.state_dict() (--ema)
-    if cfg.ema:
-        ema = {k: v.to(device) for k, v in ckpt["ema"].items()} if cfg.resume else {k: v.clone() for k, v in model.state_dict().items()}
+    model, opt, tok, train_set, val_set, caps = build(cfg, device)
+    start, ema = restore(ckpt, ckpt_path, model, opt, tok, cfg, device, master)
     if master:
         print(f"tokenizer: {len(tok)} words; " + data.truncation_report(caps, cfg.max_len))
         print(f"{cfg.objective} | {cfg.model}: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M "
               f"params, total {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | vocab {len(tok)} | "
               f"data {cfg.data} | device {device} x{world}")
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     stream = data.batches(train_set, start, cfg.batch_size, stream_seed(cfg, "data"), rank, world, cfg.num_workers, device)
     if cfg.bench:
         return bench(cfg, train_model, opt, tok, stream, rank, world)
 
-    log_path = os.path.join(cfg.out_dir, "log.csv")  # appended to on resume
-    if master and not (cfg.resume and os.path.exists(log_path)):
-        with open(log_path, "w") as f:
-            f.write(",".join(LOG_COLUMNS) + "\n")
+    log = RunLog(cfg, ckpt, world, device, master)
     end = min(cfg.steps, start + cfg.stop_after) if cfg.stop_after else cfg.steps
     bar = tqdm(initial=start, total=cfg.steps, disable=None if master else True, dynamic_ncols=True)
-    # how the run was made, saved in every checkpoint and copied into probe.py's result files
-    spent = (ckpt.get("provenance") or {}).get("train_seconds", 0.0) if cfg.resume else 0.0
-    made = dict(threads=torch.get_num_threads(), processes=world, device=str(device), commit=code_version(),
-                cpu=cpu_name(), torch=str(torch.__version__))
-    losses, norms, t0, seen = [], [], time.time(), 0  # losses and norms since the last log row
     for step in range(start, end):
         imgs, x = device_batch(*next(stream), tok, cfg, step, rank, world)
         loss, gnorm = train_step(train_model, opt, imgs, x, step, cfg, rank, world)
         if ema is not None:
             ema_update(ema, model, cfg.ema, step)
-        losses.append(loss)
-        norms.append(gnorm)
-        seen += cfg.batch_size
+        log.add(loss, gnorm)
         bar.update()
         done = step + 1
         evaluate_now = cfg.eval_every and (done % cfg.eval_every == 0 or done == end)
         if not (done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or evaluate_now or done == end):
             continue
-        # checked only here, so the GPU is not synchronised every step
-        vals, g = torch.stack(losses).float().cpu(), torch.stack(norms).float().cpu()
-        losses, norms = [], []
-        if not torch.isfinite(vals).all():
-            first_bad = done - len(vals) + 1 + int((~torch.isfinite(vals)).nonzero()[0])  # counted from 1
-            last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
-            raise SystemExit(f"non-finite loss at step {first_bad}; stopping, {last} (lower --lr, or try --qk_norm / --z_loss)")
+        row = log.row(done, step)       # checked for a non-finite loss only here: no GPU sync every step
         if not master:
             continue
-        row = dict(step=done, loss=vals.mean().item(), grad_norm_median=g.median().item(), grad_norm_max=g.max().item(),
-                   lr=lr_at(step, cfg), img_s=seen / (time.time() - t0))
         if evaluate_now:
             row["val_loss"] = evaluate(model, cfg, val_set, tok)
             bar.write(f"step {done}: val loss {row['val_loss']:.4f}")
         bar.set_postfix(loss=f"{row['loss']:.4f}", gnorm=f"{row['grad_norm_max']:.2f}", img_s=f"{row['img_s']:.0f}",
                         lr=f"{row['lr']:.2e}")
-        with open(log_path, "a") as f:
-            f.write(",".join("" if k not in row else str(row[k]) if k == "step" else f"{row[k]:.6g}" for k in LOG_COLUMNS) + "\n")
+        log.write(row)
         if callback:
             callback(row)
         if done % cfg.ckpt_every == 0 or done == end:
-            made["train_seconds"] = spent + time.time() - t0
-            save_checkpoint(ckpt_path, model, opt, cfg, tok, done, ema, made)
+            save_checkpoint(ckpt_path, model, opt, cfg, tok, done, ema, log.provenance())
             if cfg.keep_ckpts:  # the model alone: enough to probe, a fifth of the size
-                save_checkpoint(os.path.join(cfg.out_dir, f"step{done}.pt"), model, None, cfg, tok, done, ema, made)
+                save_checkpoint(os.path.join(cfg.out_dir, f"step{done}.pt"), model, None, cfg, tok, done, ema, log.provenance())
     bar.close()
     if world > 1:
         check_ranks_in_sync(model, master)
         torch.distributed.destroy_process_group()
     if not master:
         return None
-    print(f"trained {end - start} steps in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
+    print(f"trained {end - start} steps in {time.time() - log.t0:.0f} s; checkpoint {ckpt_path}")
     print(f"training data: {train_set.report()}")  # corrupt images are only found as they are decoded
     return model.eval(), tok, val_set
+
+
+class RunLog:
+    """The loop's bookkeeping: losses and gradient norms since the last row, the rows of
+    out_dir/log.csv (appended to on resume), and how the run was made (provenance, saved in every
+    checkpoint and copied by probe.py into its result files)."""
+
+    def __init__(self, cfg, ckpt, world, device, master):
+        self.cfg, self.path = cfg, os.path.join(cfg.out_dir, "log.csv")
+        self.losses, self.norms, self.t0, self.seen = [], [], time.time(), 0
+        self.spent = (ckpt.get("provenance") or {}).get("train_seconds", 0.0) if ckpt else 0.0   # before a resume
+        self.made = dict(threads=torch.get_num_threads(), processes=world, device=str(device), commit=code_version(),
+                         cpu=cpu_name(), torch=str(torch.__version__))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if master and not (ckpt and os.path.exists(self.path)):
+            with open(self.path, "w") as f:
+                f.write(",".join(LOG_COLUMNS) + "\n")
+
+    def add(self, loss, gnorm):
+        self.losses.append(loss)
+        self.norms.append(gnorm)
+        self.seen += self.cfg.batch_size
+
+    def row(self, done, step):
+        """The row since the last one; a non-finite loss stops the run, naming its first bad step."""
+        vals, g = torch.stack(self.losses).float().cpu(), torch.stack(self.norms).float().cpu()
+        self.losses, self.norms = [], []
+        if not torch.isfinite(vals).all():
+            first_bad = done - len(vals) + 1 + int((~torch.isfinite(vals)).nonzero()[0])  # counted from 1
+            ckpt = os.path.join(self.cfg.out_dir, "ckpt.pt")
+            last = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was written"
+            raise SystemExit(f"non-finite loss at step {first_bad}; stopping, {last} (lower --lr, or try --qk_norm / --z_loss)")
+        return dict(step=done, loss=vals.mean().item(), grad_norm_median=g.median().item(), grad_norm_max=g.max().item(),
+                    lr=lr_at(step, self.cfg), img_s=self.seen / (time.time() - self.t0))
+
+    def write(self, row):
+        with open(self.path, "a") as f:
+            f.write(",".join("" if k not in row else str(row[k]) if k == "step" else f"{row[k]:.6g}" for k in LOG_COLUMNS) + "\n")
+
+    def provenance(self):
+        return {**self.made, "train_seconds": self.spent + time.time() - self.t0}
 
 
 # -----------------------------------------------------------------------------
@@ -1183,24 +1212,39 @@ RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval
              "sample_steps", "sample_order", "probe", "data_root", "out_dir", "num_workers", "device", "compile", "dtype", "bench", "bench_steps")
 
 
-def check_resume(ckpt, cfg, path):
-    """--resume goes on with the same run: every flag but those in RESUMABLE must be the checkpoint's."""
+def resumable(cfg, path):
+    """--resume: the checkpoint at path, if it is one of this run (every flag but those in RESUMABLE the
+    same) and has steps left to train; else a UsageError that says what to change."""
+    if not os.path.exists(path):
+        raise UsageError(f"--resume: no checkpoint at {path} (set --out_dir to the run's folder)")
+    ckpt = read_checkpoint(path)
     saved, now = asdict(config_of(ckpt)), asdict(cfg)
     if diff := [k for k in now if k not in RESUMABLE and saved[k] != now[k]]:
         raise UsageError(f"--resume: {path} was trained with " + ", ".join(f"--{k}={saved[k]!r}" for k in diff)
                          + ", this run has " + ", ".join(f"--{k}={now[k]!r}" for k in diff)
                          + "; only " + " ".join(f"--{k}" for k in RESUMABLE) + " may change on resume")
+    if ckpt["step"] >= cfg.steps:
+        raise UsageError(f"--resume: {path} is already at step {ckpt['step']} of --steps={cfg.steps}; raise --steps to train on")
+    return ckpt
 
 
-def resume(ckpt, path, model, opt, tok, master):
-    """Load model and optimizer state from a checkpoint of the same run; returns its step."""
+def restore(ckpt, path, model, opt, tok, cfg, device, master):
+    """(first step, the moving average of --ema or None): from the checkpoint of --resume, else (0, a copy
+    of the fresh weights)."""
+    ema = None
+    if ckpt is None:
+        if cfg.ema:
+            ema = {k: v.clone() for k, v in model.state_dict().items()}
+        return 0, ema
     if ckpt["vocab"] != tok.itos:
         raise UsageError(f"--resume: {path} has another vocabulary than this data's; did --data change?")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
+    if cfg.ema:
+        ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
     if master:
         print(f"resumed from {path} at step {ckpt['step']}")
-    return ckpt["step"]
+    return ckpt["step"], ema
 
 
 # -----------------------------------------------------------------------------
@@ -1315,138 +1359,6 @@ def bench(cfg, model, opt, tok, stream, rank=0, world=1):
 
 
 # -----------------------------------------------------------------------------
-# The end-of-run check of python mdc.py: the ridge probe of the trained encoder against its floors
-
-
-def random_encoder(cfg, seed, device):
-    """The floor: the same ViT at its (seeded) random initialisation, in eval mode."""
-    torch.manual_seed(seed)
-    enc = ViT(cfg)
-    enc.apply(Model._init)
-    return enc.to(device).eval()
-
-
-def ridge_accuracy(featurize, train, test, n_classes, img_size, device, batch_size=256, num_workers=0, dtype="auto"):
-    """Ridge-probe top-1 (a fraction) of featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) on a
-    labelled (train, test) pair of datasets."""
-    a, b = (extract(featurize, ds, img_size, device, batch_size, num_workers=num_workers, dtype=dtype) for ds in (train, test))
-    return ridge_probe(*a, *b, n_classes, log=lambda s: None)["ridge top1"]
-
-
-PROBE_SEED = 0            # the probe's scenes and hold-out: the same for every training seed (probe.py --seed=0)
-FLOOR_INITS = (0, 1, 2)   # the random-init floor moves by points with the init seed: the mean over these
-
-
-def quick_probe(model, cfg):
-    """Ridge probe on cfg.probe of the trained encoder, the same ViT at random initialisation
-    (the mean over FLOOR_INITS) and raw pixels, printed on one line; the closed-form fitter keeps
-    it to seconds. The probe scenes do not depend on the training seed, so seeds differ only in
-    training. Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
-    t0 = time.perf_counter()
-    device = next(model.parameters()).device
-    tr, te = (data.probe_dataset(cfg.probe, s, cfg.img_size, cfg.data_root, PROBE_SEED) for s in ("train", "test"))
-    flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
-    encoders = [("trained", model.encoder.features), *(("random init", random_encoder(cfg, s, device).features) for s in FLOOR_INITS),
-                ("pixels", flat)]
-    accs = {}
-    for name, fn in encoders:
-        accs.setdefault(name, []).append(ridge_accuracy(fn, tr, te, tr.n_classes, cfg.img_size, device,
-                                                             num_workers=cfg.num_workers, dtype=cfg.dtype))
-    out = {k: float(np.mean(v)) for k, v in accs.items()}
-    print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
-          f"L2 chosen on a 10% hold-out; random init: the mean of {len(FLOOR_INITS)} inits; "
-          f"{time.perf_counter() - t0:.0f} s; probe.py has more): " + " | ".join(f"{k} {100 * v:.1f}%" for k, v in out.items()))
-    return out
-
-
-@torch.no_grad()
-def extract(featurize, ds, size, device, batch_size=256, desc="features", num_workers=0, dtype="auto"):
-    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset batch by batch
-    (data.probe_batches: an ImageFolder is decoded by num_workers DataLoader workers as it goes, never
-    all at once), under autocast(device, dtype), with a progress bar. Returns (features float32
-    (N, D) on the CPU, labels int64 (N,))."""
-    out, labels = [], []
-    bar = tqdm(total=len(ds), desc=desc, leave=False, disable=len(ds) < 4 * batch_size or None)
-    for imgs, y in data.probe_batches(ds, batch_size, num_workers):
-        with autocast(device, dtype):
-            out.append(featurize(data.to_input(imgs.to(device), size)).float().cpu())
-        labels.append(y)
-        bar.update(len(y))
-    bar.close()
-    return torch.cat(out), torch.cat(labels).long()
-
-
-def standardize(xtr, *others):
-    """Zero mean, unit variance with the training set's statistics (fitted on train only)."""
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    return [(x - mu) / sd for x in (xtr, *others)]
-
-
-def stratified_holdout(y, frac=0.1, seed=0):
-    """Indices (fit, hold-out) with frac of every class held out (at least one per class)."""
-    g = torch.Generator().manual_seed(seed)
-    fit, hold = [], []
-    for c in y.unique():
-        idx = (y == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n = max(1, round(frac * len(idx))) if len(idx) > 1 else 0
-        hold.append(idx[:n])
-        fit.append(idx[n:])
-    return torch.cat(fit).sort().values, torch.cat(hold).sort().values
-
-
-def topk(logits, y, k=1):
-    """Fraction of rows whose label is among the k highest logits."""
-    k = min(k, logits.shape[1])
-    return (logits.topk(k, 1).indices == y[:, None].to(logits.device)).any(1).float().mean().item()
-
-
-def accuracies(prefix, logits, y, n_classes):
-    out = {f"{prefix} top1": topk(logits, y, 1)}
-    if n_classes >= 20:  # top-5 means little with few classes
-        out[f"{prefix} top5"] = topk(logits, y, 5)
-    return out
-
-
-RIDGE_GRID = [10.0 ** e for e in np.arange(-7, 4.01, 0.5)]
-
-
-def ridge_fit(x, y, n_classes):
-    """Closed-form ridge on standardised x (N, D): W(lam) = (X^T X + N lam I)^-1 X^T (Y - mean Y) by
-    one Cholesky factorisation per lam (for wide features such as raw pixels far faster than one
-    eigendecomposition for every lam). Returns solve(lam) -> (W (D, C), bias (C,)), in float64."""
-    x = x.double()
-    Y = F.one_hot(y, n_classes).double()
-    ybar = Y.mean(0)                                        # the free bias: x is centred
-    G, XtY = x.T @ x, x.T @ (Y - ybar)                      # (D, D), (D, C)
-    eye = torch.eye(len(G), dtype=G.dtype)
-
-    def solve(lam):
-        L, info = torch.linalg.cholesky_ex(G + len(x) * lam * eye)
-        if info:  # not positive definite in floating point (lam far below the smallest eigenvalue)
-            return torch.full_like(XtY, float("nan")), ybar
-        return torch.cholesky_solve(XtY, L), ybar
-    return solve
-
-
-def ridge_probe(xtr, ytr, xte, yte, n_classes, grid=RIDGE_GRID, seed=0, log=print):
-    """Linear probe by ridge regression onto one-hot labels, mean ||XW - Y||^2 + lam ||W||^2 on
-    standardised features (big_vision's few-shot probe): lam picked on a stratified 10% hold-out,
-    refit on all, test once. A lam whose system could not be factorised scores as no lam."""
-    xtr, xte = standardize(xtr, xte)
-    fit, hold = stratified_holdout(ytr, 0.1, seed)
-    solve = ridge_fit(xtr[fit], ytr[fit], n_classes)
-    xh = xtr[hold].double()
-    accs = [topk(xh @ W + b, ytr[hold]) if W.isfinite().all() else -1.0 for W, b in map(solve, grid)]
-    best = max(range(len(grid)), key=lambda i: (accs[i], i))  # ties -> the stronger regularisation
-    lam = grid[best]
-    if best in (0, len(grid) - 1):
-        log(f"ridge: best lam {lam:.0e} is on the edge of the grid {grid[0]:.0e}..{grid[-1]:.0e}")
-    W, b = ridge_fit(xtr, ytr, n_classes)(lam)
-    return {**accuracies("ridge", xte.double() @ W + b, yte, n_classes), "ridge lambda": float(lam)}
-
-
-# -----------------------------------------------------------------------------
 # The command line: flags -> Config, checked; then train, show captions, the end-of-run probe
 
 
@@ -1555,10 +1467,11 @@ def show_samples(model, cfg, tok, val_set, n=6):
     imgs = imgs.to(device)
     if cfg.objective in CAUSAL:
         out, note = generate_ar(model, imgs, cfg.max_len), ""
-    else:  # the caption length L' of the true caption (unless --hide_length: then the model writes it)
+    else:  # the caption length L' of the true caption, where the decoder is told the length (feed)
         length = (tok.batch(caps, cfg.max_len) != PAD).sum(1).to(device)
         out = generate_mdc(model, imgs, length, cfg.sample_steps, cfg.sample_order, torch.Generator().manual_seed(0))
-        note = "" if cfg.hide_length else f" ({cfg.objective}: caption length L' taken from the true caption)"
+        told = not feed(torch.tensor([[PAD]]), cfg).keys.any()          # is [PAD] hidden from the decoder?
+        note = f" ({cfg.objective}: caption length L' taken from the true caption)" if told else ""
     print(f"\nsample captions on validation images{note}:")
     for c, o in zip(caps, out):
         print(f"  true: {c}\n  gen:  {tok.decode(o)}")
@@ -1571,10 +1484,11 @@ def main(argv):
         return
     model, tok, val_set = out
     show_samples(model, cfg, tok, val_set)
-    if cfg.probe:
-        quick_probe(model, cfg)
+    if cfg.probe:  # the end-of-run check lives with the other probes
+        import probe
+        probe.quick_probe(model, cfg)
 
 
 if __name__ == "__main__":
-    sys.modules["mdc"] = sys.modules["__main__"]  # probe.py's `import mdc` is then this module, not a second copy
+    sys.modules["mdc"] = sys.modules["__main__"]  # main's `import probe` imports mdc: let that be this module, not a second copy
     data.command_line(main, sys.argv[1:], "mdc.py")

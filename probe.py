@@ -1,10 +1,11 @@
 """
 Judging a pre-trained image encoder once its decoder is thrown away.
 
-    python probe.py --ckpt=out/mdc.pt --dataset=cifar10
-    python probe.py --ckpt=out/mdc.pt --ckpt=out/ar.pt --ckpt=out/clip.pt --ckpt=random --ckpt=pixels
-    python probe.py --ckpt=out/mdc.pt --dataset=imagenet:data/imagenet --classes=imagenet100
-    python probe.py --ckpt=out/mdc.pt --export_timm=out/mdc_timm.pt      # the encoder as a timm ViT
+    python probe.py --ckpt=out/ckpt.pt --dataset=cifar10         # out/ckpt.pt: what python mdc.py writes
+    python probe.py --ckpt=mdc/ckpt.pt --ckpt=ar/ckpt.pt --ckpt=clip/ckpt.pt --ckpt=random --ckpt=pixels
+    python probe.py --ckpt=out/ckpt.pt --dataset=imagenet:data/imagenet --classes=imagenet100
+    python probe.py --ckpt=out/ckpt.pt --export_timm=out/vit_timm.pt      # the encoder as a timm ViT
+    python probe.py --summary=objective --diff=objective:mdc,ar --from_json='results/default/*.json'  # many runs
 
 Every call prints one table, rows = encoders, columns = metrics; `random` (the same ViT at
 random initialisation) and `pixels` (raw pixels) are the floors every table should carry.
@@ -13,7 +14,7 @@ random initialisation) and `pixels` (raw pixels) are the floors every table shou
   DataLoader workers and only the features are kept; at 224 px and above each image goes through the
   standard evaluation transform, short side resized to 256 and a centre crop of 224; smaller sizes
   take the whole short side): closed-form ridge regression (big_vision's fast few-shot probe,
-  `mdc.ridge_probe`, which `python mdc.py` also runs, by `mdc.quick_probe`) and L2-regularised multinomial
+  `ridge_probe`, which `python mdc.py` also runs, by `quick_probe`) and L2-regularised multinomial
   logistic regression fitted by L-BFGS, strength chosen on a stratified 10% hold-out and refitted
   on all of the training set (CLIP's protocol).
 - Zero-shot classification, ARO-style compositionality and image-text retrieval, all by
@@ -24,8 +25,11 @@ random initialisation) and `pixels` (raw pixels) are the floors every table shou
   lowers the decoder's loss at each position against a mismatched image; and the largest
   attention logit (`--logits`), a stability diagnostic.
 
+- Last, fenced: the summaries of many runs' result files (`--summary`, `--plot_vs`): means and
+  paired intervals over seeds, the seeds and minutes a contrast needs, and the figures.
+
 Speed: `python probe.py --bench` times the L-BFGS sweep on 50,000 x 384 features, 100 classes.
-Imports run one way: probe -> mdc -> data (the end-of-run ridge probe of `python mdc.py` lives in mdc.py).
+Imports run one way: probe -> mdc -> data; `python mdc.py` imports probe only for its end-of-run check.
 """
 import argparse
 import glob
@@ -44,13 +48,28 @@ import torch.nn.functional as F
 
 import data
 import mdc
-from data import MASK, PAD
-from mdc import (  # the end-of-run probe of python mdc.py and the pieces it shares with the probes here
-    FLOOR_INITS, PROBE_SEED, RIDGE_GRID, accuracies, extract, quick_probe, random_encoder, ridge_accuracy, ridge_fit,
-    ridge_probe, standardize, stratified_holdout, topk)
+from data import PAD
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# Features: frozen encoder -> (N, D), extracted once, cached on disk
+# Features: a frozen encoder -> (N, D), extracted once, cached on disk
+
+
+@torch.no_grad()
+def extract(featurize, ds, size, device, batch_size=256, desc="features", num_workers=0, dtype="auto"):
+    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset batch by batch
+    (data.probe_batches: an ImageFolder is decoded by num_workers DataLoader workers as it goes, never
+    all at once), under autocast(device, dtype), with a progress bar. Returns (features float32
+    (N, D) on the CPU, labels int64 (N,))."""
+    out, labels = [], []
+    bar = tqdm(total=len(ds), desc=desc, leave=False, disable=len(ds) < 4 * batch_size or None)
+    for imgs, y in data.probe_batches(ds, batch_size, num_workers):
+        with mdc.autocast(device, dtype):
+            out.append(featurize(data.to_input(imgs.to(device), size)).float().cpu())
+        labels.append(y)
+        bar.update(len(y))
+    bar.close()
+    return torch.cat(out), torch.cat(labels).long()
 
 
 def cache_key(**parts):
@@ -77,6 +96,76 @@ def cached_features(key, compute, cache_dir):
 # Linear probes on fixed features: closed-form ridge, and L-BFGS logistic regression.
 # Regularisation strengths are per sample: ridge minimises mean ||XW - Y||^2 + lam ||W||^2,
 # logistic regression mean CE + lam ||W||^2 (sklearn's C = 1 / (2 N lam)); biases are free.
+
+
+def standardize(xtr, *others):
+    """Zero mean, unit variance with the training set's statistics (fitted on train only)."""
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    return [(x - mu) / sd for x in (xtr, *others)]
+
+
+def stratified_holdout(y, frac=0.1, seed=0):
+    """Indices (fit, hold-out) with frac of every class held out (at least one per class)."""
+    g = torch.Generator().manual_seed(seed)
+    fit, hold = [], []
+    for c in y.unique():
+        idx = (y == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = max(1, round(frac * len(idx))) if len(idx) > 1 else 0
+        hold.append(idx[:n])
+        fit.append(idx[n:])
+    return torch.cat(fit).sort().values, torch.cat(hold).sort().values
+
+
+def topk(logits, y, k=1):
+    """Fraction of rows whose label is among the k highest logits."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, 1).indices == y[:, None].to(logits.device)).any(1).float().mean().item()
+
+
+def accuracies(prefix, logits, y, n_classes):
+    out = {f"{prefix} top1": topk(logits, y, 1)}
+    if n_classes >= 20:  # top-5 means little with few classes
+        out[f"{prefix} top5"] = topk(logits, y, 5)
+    return out
+
+
+RIDGE_GRID = [10.0 ** e for e in np.arange(-7, 4.01, 0.5)]
+
+
+def ridge_fit(x, y, n_classes):
+    """Closed-form ridge on standardised x (N, D): W(lam) = (X^T X + N lam I)^-1 X^T (Y - mean Y) by
+    one Cholesky factorisation per lam (for wide features such as raw pixels far faster than one
+    eigendecomposition for every lam). Returns solve(lam) -> (W (D, C), bias (C,)), in float64."""
+    x = x.double()
+    Y = F.one_hot(y, n_classes).double()
+    ybar = Y.mean(0)                                        # the free bias: x is centred
+    G, XtY = x.T @ x, x.T @ (Y - ybar)                      # (D, D), (D, C)
+    eye = torch.eye(len(G), dtype=G.dtype)
+
+    def solve(lam):
+        L, info = torch.linalg.cholesky_ex(G + len(x) * lam * eye)
+        if info:  # not positive definite in floating point (lam far below the smallest eigenvalue)
+            return torch.full_like(XtY, float("nan")), ybar
+        return torch.cholesky_solve(XtY, L), ybar
+    return solve
+
+
+def ridge_probe(xtr, ytr, xte, yte, n_classes, grid=RIDGE_GRID, seed=0, log=print):
+    """Linear probe by ridge regression onto one-hot labels, mean ||XW - Y||^2 + lam ||W||^2 on
+    standardised features (big_vision's few-shot probe): lam picked on a stratified 10% hold-out,
+    refit on all, test once. A lam whose system could not be factorised scores as no lam."""
+    xtr, xte = standardize(xtr, xte)
+    fit, hold = stratified_holdout(ytr, 0.1, seed)
+    solve = ridge_fit(xtr[fit], ytr[fit], n_classes)
+    xh = xtr[hold].double()
+    accs = [topk(xh @ W + b, ytr[hold]) if W.isfinite().all() else -1.0 for W, b in map(solve, grid)]
+    best = max(range(len(grid)), key=lambda i: (accs[i], i))  # ties -> the stronger regularisation
+    lam = grid[best]
+    if best in (0, len(grid) - 1):
+        log(f"ridge: best lam {lam:.0e} is on the edge of the grid {grid[0]:.0e}..{grid[-1]:.0e}")
+    W, b = ridge_fit(xtr, ytr, n_classes)(lam)
+    return {**accuracies("ridge", xte.double() @ W + b, yte, n_classes), "ridge lambda": float(lam)}
 
 
 def logreg_fit(x, xt, y, lam, P, max_iter=500, tol=1e-5):
@@ -292,7 +381,55 @@ def linear_probe(xtr, ytr, xte, yte, n_classes, fitter="both", device="cpu", log
 
 
 # -----------------------------------------------------------------------------
+# The end-of-run check of python mdc.py: the ridge probe of the trained encoder against its floors
+
+
+def random_encoder(cfg, seed, device):
+    """The floor: the same ViT at its (seeded) random initialisation, in eval mode."""
+    torch.manual_seed(seed)
+    enc = mdc.ViT(cfg)
+    enc.apply(mdc.Model._init)
+    return enc.to(device).eval()
+
+
+def ridge_accuracy(featurize, train, test, n_classes, img_size, device, batch_size=256, num_workers=0, dtype="auto"):
+    """Ridge-probe top-1 (a fraction) of featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) on a
+    labelled (train, test) pair of datasets."""
+    a, b = (extract(featurize, ds, img_size, device, batch_size, num_workers=num_workers, dtype=dtype) for ds in (train, test))
+    return ridge_probe(*a, *b, n_classes, log=lambda s: None)["ridge top1"]
+
+
+QUICK_PROBE_SEED = 0      # quick_probe's scenes and hold-out: the same for every training seed (as probe.py --seed=0)
+
+
+FLOOR_INITS = (0, 1, 2)   # the random-init floor moves by points with the init seed: the mean over these
+
+
+def quick_probe(model, cfg):
+    """Ridge probe on cfg.probe of the trained encoder, the same ViT at random initialisation
+    (the mean over FLOOR_INITS) and raw pixels, printed on one line; the closed-form fitter keeps
+    it to seconds. The probe scenes do not depend on the training seed, so seeds differ only in
+    training. Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    tr, te = (data.probe_dataset(cfg.probe, s, cfg.img_size, cfg.data_root, QUICK_PROBE_SEED) for s in ("train", "test"))
+    flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
+    encoders = [("trained", model.encoder.features), *(("random init", random_encoder(cfg, s, device).features) for s in FLOOR_INITS),
+                ("pixels", flat)]
+    accs = {}
+    for name, fn in encoders:
+        accs.setdefault(name, []).append(ridge_accuracy(fn, tr, te, tr.n_classes, cfg.img_size, device,
+                                                             num_workers=cfg.num_workers, dtype=cfg.dtype))
+    out = {k: float(np.mean(v)) for k, v in accs.items()}
+    print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
+          f"L2 chosen on a 10% hold-out; random init: the mean of {len(FLOOR_INITS)} inits; "
+          f"{time.perf_counter() - t0:.0f} s; probe.py has more): " + " | ".join(f"{k} {100 * v:.1f}%" for k, v in out.items()))
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Scoring captions: one routine serves zero-shot, compositionality and retrieval
+
 
 MDC_RULES = ("loss", "pll", "all")  # mdc.caption_logprob: minus the training loss, a pseudo-log-likelihood, all masked
 
@@ -323,8 +460,8 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
             v = model.encoder(data.to_input(imgs[i:i + batch_size], cfg.img_size).to(device))  # (b, N, D), once per image
         b = len(v)
         x = tok.batch([c for cs in cands[i:i + b] for c in cs], cfg.max_len).view(b, C, -1)  # (b, C, L)
-        if not cfg.hide_length:  # trailing all-pad columns then change no score
-            x = x[..., :int((x != PAD).sum(-1).max())]
+        seen = mdc.feed(x.view(b * C, -1), cfg).keys.any(0)     # (L,) the positions the decoder reads
+        x = x[..., :int(seen.nonzero().max()) + 1]               # the trailing ones it does not read change no score
         x = x.to(device)
         for c in range(C):
             xc = x[:, c]                                         # (b, L)
@@ -343,6 +480,7 @@ def score_captions(model, cfg, tok, imgs, cands, rule, K=8, batch_size=128, seed
 
 # -----------------------------------------------------------------------------
 # Zero-shot classification: the class whose prompt scores highest
+
 
 TEMPLATES = ["a photo of a {}."]
 
@@ -537,7 +675,8 @@ def retrieval(model, cfg, tok, imgs, caps, K=8, seed=0, batch_size=128, rules=No
 
 
 # -----------------------------------------------------------------------------
-# Visual signal per caption position (MDC's argument: AR's later tokens need the image less)
+# Visual signal per caption position (MDC's argument: AR's later tokens need the image less),
+# and the largest attention logit (stability)
 
 
 @torch.no_grad()
@@ -551,20 +690,17 @@ def signal_terms(model, cfg, imgs, x, t=None, K=4, generator=None):
     v_wrong = v.roll(1, 0)                                   # every caption gets another image
     real = x != PAD
     B, L = x.shape
-    if cfg.objective in mdc.CAUSAL:
-        inp = mdc.shift_right(x)                             # (B, L) [BOS] + x[:-1]
-        ce = lambda vv: mdc.token_ce(model.decode(inp, vv, real, causal=True).float(), x)
-        return (ce(v_wrong) - ce(v)) * real, real.float()
     if cfg.objective not in mdc.CAPTIONERS:
         raise ValueError(f"{cfg.objective} has no caption decoder")
-    keys = mdc.positions(x, cfg)                             # (B, L) real, or every position with --hide_length
     diff, count = torch.zeros(B, L, device=x.device), torch.zeros(B, L, device=x.device)
-    for _ in range(K):
-        tt = torch.full((B,), float(t)) if t is not None else mdc.sample_t(torch.rand(B, generator=generator), cfg.t_min)
-        r = torch.rand(B, L, generator=generator).to(x.device)
-        inp, m = mdc.corrupt(x, tt.to(x.device), r, cfg.hide_length)   # the same mask for both images
-        m = m & real                                         # the signal is measured at the caption's tokens
-        ce = lambda vv: mdc.token_ce(model.decode(inp, vv, keys).float(), x)
+    for _ in range(1 if cfg.objective in mdc.CAUSAL else K):
+        if cfg.objective in mdc.CAUSAL:                      # teacher-forced: no draw
+            f = mdc.feed(x, cfg, causal=True)
+        else:
+            tt = torch.full((B,), float(t)) if t is not None else mdc.sample_t(torch.rand(B, generator=generator), cfg.t_min)
+            f = mdc.feed(x, cfg, t=tt.to(x.device), r=torch.rand(B, L, generator=generator).to(x.device))
+        m = f.target & real                                  # the signal is measured at the caption's tokens
+        ce = lambda vv: mdc.token_ce(model.decode(f.inp, vv, f.keys, f.causal).float(), x)   # the same input, both images
         diff += (ce(v_wrong) - ce(v)) * m
         count += m
     return diff, count
@@ -644,9 +780,8 @@ def attention_logit_max(model, cfg, imgs, x):
         if model.contrastive:
             model.embed(v, x, real)
         else:                                                # the decoder's input in training
-            causal = cfg.objective in mdc.CAUSAL
-            inp = mdc.shift_right(x) if causal else mdc.corrupt(x, 1.0, torch.zeros(x.shape, device=x.device), cfg.hide_length)[0]
-            model.decode(inp, v, real if causal else mdc.positions(x, cfg), causal=causal)
+            f = mdc.feed(x, cfg, causal=cfg.objective in mdc.CAUSAL)   # causal, or every word masked
+            model.decode(f.inp, v, f.keys, f.causal)
     finally:
         for h in hooks:
             h.remove()
@@ -680,80 +815,446 @@ def plot_signal(results, path):
     plt.close(fig)
 
 
-def sweep_points(results, field, metric):
-    """The points of one metric of many runs (results dicts of earlier calls) against one config
-    field, e.g. tie, or against the training step of the checkpoints (field "step"). Returns (the other flags that differ between the runs, the seed aside;
-    {their values: {field value: [metric over seeds]}}; {floor kind: metric}), accuracies in %."""
-    encs = [e for r in results for e in r["encoders"]]
-    ckpts = [(e, r.get("args")) for r in results for e in r["encoders"] if e["kind"] == "ckpt"]   # with the probe call's args
-    runs = [e for e, _ in ckpts]
-    defaults = asdict(mdc.Config())
-    flags = [run_flags(e, defaults, a) for e, a in ckpts]
-    fixed = (field, "seed", "step") + mdc.BOOKKEEPING   # runs differ by what was trained, not by how it was logged
-    varying = [k for k in (flags[0] if flags else ()) if k not in fixed and len({json.dumps(f.get(k)) for f in flags}) > 1]
-    scale = 1 if metric in RAW else 100
-    value = lambda v: next(iter(v.values()), None) if isinstance(v, dict) else v    # per-rule metrics: the first rule
-    groups = {}
-    for e, f in zip(runs, flags):
-        if (v := value(e["metrics"].get(metric))) is not None:
-            key = tuple(f.get(k) for k in varying)
-            x = f[field]   # step: checkpoints along one run (--keep_ckpts)
-            groups.setdefault(key, {}).setdefault(x, []).append(scale * v)
-    floor_runs = {}
+# -----------------------------------------------------------------------------
+# The encoders of one call: checkpoints, a random init of the same ViT, raw pixels
+
+
+def ckpt_spec(s):
+    """A --ckpt value that names a checkpoint -> (its path, whether ema:PATH asks for its --ema weights)."""
+    return s.removeprefix("ema:"), s.startswith("ema:")
+
+
+def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
+    """--ckpt values -> list of dicts (name, kind, cfg, encoder, key; a checkpoint also model, tok, step, weights). A
+    checkpoint keeps its decoder for scoring; ema:PATH loads the moving average of its weights (--ema) instead of
+    the weights; 'random' copies the first checkpoint's config (else the preset)."""
+    encs, ref = [], None
+    for s in specs:
+        if s in ("random", "pixels") or re.fullmatch(r"random:\d+", s):   # random:S = the init of seed S
+            kind, _, init = s.partition(":")
+            encs.append(dict(name=s, kind=kind, init_seed=int(init) if init else seed))
+            continue
+        path, ema = ckpt_spec(s)
+        weights = "ema" if ema else "final"
+        model, cfg, tok, ckpt = mdc.load_checkpoint(path, device, ema=ema)
+        st = os.stat(path)
+        key = dict(path=os.path.abspath(path), size=st.st_size, mtime=st.st_mtime_ns, **({"weights": "ema"} if ema else {}))
+        encs.append(dict(name=s, kind="ckpt", cfg=cfg, model=model, tok=tok, encoder=model.encoder, step=ckpt.get("step"),
+                         weights=weights, key=key, made=ckpt.get("provenance")))
+        ref = ref or cfg
+    if ref is None:
+        ref = mdc.parse_args([f"--model={preset}"] + ([f"--img_size={img_size}"] if img_size else []))
     for e in encs:
-        if e["kind"] in ("random", "pixels") and (v := value(e["metrics"].get(metric))) is not None:
-            floor_runs.setdefault(e["kind"], []).append(scale * v)
-    floors = {k: float(np.mean(v)) for k, v in floor_runs.items()}   # a random floor: the mean over its init seeds
-    return varying, groups, floors
+        if e["kind"] == "random":
+            e.update(cfg=ref, encoder=random_encoder(ref, e["init_seed"], device), key=dict(random=asdict(ref), seed=e["init_seed"]))
+        elif e["kind"] == "pixels":
+            e.update(cfg=ref)
+    return encs
 
 
-def objective_colour(objective):
-    """One colour per objective, the same in every panel and every figure."""
-    import matplotlib
-    return matplotlib.colormaps["tab10"](mdc.OBJECTIVES.index(objective) % 10) if objective in mdc.OBJECTIVES else "grey"
+def probe_features(enc, split, args, device, datasets):
+    """(features (N, D), labels (N,), dataset()) of one encoder on one split, the features cached;
+    dataset() loads the probe dataset at the encoder's size once (kept in `datasets`)."""
+    size = enc["cfg"].img_size
+    if enc["kind"] == "pixels":  # raw pixels, at most --pixel_size (150k values at 224 px is too many)
+        size = min(size, args.pixel_size)
+    ds_args = dict(spec=args.dataset, split=split, img_size=size, data_root=args.data_root, seed=args.seed,
+                   classes=args.classes, per_class=args.per_class)
 
+    def ds():
+        k = json.dumps(ds_args, sort_keys=True)
+        if k not in datasets:
+            datasets[k] = data.probe_dataset(**ds_args)
+        return datasets[k]
 
-def plot_vs(results, field, metrics, path, bands=False):
-    """One panel per metric against --field: a line per group of sweep_points (the mean over seeds,
-    with its 95% interval as error bars, or a shaded band with bands, where there are 2 seeds or more,
-    n beside each point), one colour per objective, the floors (averaged over their init seeds) as
-    dashed lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), dpi=110, squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        varying, groups, floors = sweep_points(results, field, metric)
-        styles = {}                                                   # other flags than the objective: a line style each
-        for key, pts in sorted(groups.items(), key=str):
-            xs = sorted(pts)
-            stats = [mean_ci(pts[x]) for x in xs]                     # (n, mean, sd, half-width) per point
-            ys = np.array([m for _, m, _, _ in stats])
-            err = np.array([0 if h != h else h for _, _, _, h in stats])
-            obj = dict(zip(varying, key)).get("objective", results[0]["encoders"][0].get("objective"))
-            rest = tuple(v for k, v in zip(varying, key) if k != "objective")
-            ls = styles.setdefault(rest, ("-", "--", ":", "-.")[len(styles) % 4])
-            label = ", ".join(f"{k}={v}" for k, v in zip(varying, key)) or obj
-            if bands:
-                ax.plot(xs, ys, marker="o", ms=4, ls=ls, color=objective_colour(obj), label=label)
-                ax.fill_between(xs, ys - err, ys + err, color=objective_colour(obj), alpha=0.15, lw=0)
-            else:
-                ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, ls=ls, color=objective_colour(obj), label=label)
-            for x, y, (n, *_) in zip(xs, ys, stats):
-                ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
-        for (kind, v), ls in zip(sorted(floors.items()), ("--", ":")):
-            ax.axhline(v, color="k", ls=ls, lw=1, label=f"{kind} (floor)")
-        ax.set(xlabel=f"--{field}", ylabel=metric + ("" if metric in RAW else " (%)"), title=metric)
-        ax.legend(fontsize=7, title=", ".join(varying) or None, title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    read = dict(batch_size=args.batch_size, desc=f"{enc['name']} {split}", num_workers=args.num_workers)
+    if enc["kind"] == "pixels":  # (N, 3 * S * S), read batch by batch like the features, not cached
+        x, y = extract(lambda imgs: imgs.flatten(1), ds(), size, torch.device("cpu"), **read)
+    else:
+        # an ImageFolder at 224 px and above is read through the evaluation transform (data.eval_resize)
+        dtype = mdc.precision(device, enc["cfg"].dtype)       # the checkpoint's own, or --dtype
+        key = cache_key(encoder=enc["key"], **ds_args, resize=data.eval_resize(size), dtype=dtype)
+        x, y = cached_features(key, lambda: extract(enc["encoder"].features, ds(), size, device, dtype=dtype, **read),
+                               args.cache_dir)
+    return x, y, ds
 
 
 # -----------------------------------------------------------------------------
-# Statistics over runs: one seed is a smoke test. n, mean, standard deviation and the 95% interval
-# (Student t) per group of runs, and the paired difference of two arms that share their seeds
-# (same initialisation, data order and noise), whose interval is the one that says whether they differ.
+# The encoder as a timm VisionTransformer (pip install timm; the project itself does not need it)
+
+
+TIMM_LN_EPS = 1e-6  # timm's LayerNorm default (timm/layers/norm.py), which every norm_layer given by name gets
+
+
+def timm_export(enc, cfg):
+    """The ViT `enc` as the contents of a file for timm: {model_name, kwargs, state_dict, mean, std}, with
+    timm.create_model(model_name, pretrained=False, **kwargs).load_state_dict(state_dict) (strict) a
+    VisionTransformer whose forward_head(forward_features((images - mean) / std), pre_logits=True) is
+    enc.features(images) for images in [0, 1]: no class token, this ViT's fixed sin-cos positions as its
+    pos_embed, the final norm on the tokens before the mean (fc_norm=False). kwargs are plain values.
+    One difference needs the weights changed: timm's LayerNorm has eps 1e-6, this ViT's 1e-5. LayerNorm is
+    unchanged by scaling its input except through eps, LN_eps(x) = LN_{c^2 eps}(c x), so with c =
+    sqrt(1e-6 / 1e-5) the residual stream is carried scaled by c (patch embedding, positions and every
+    branch's output projection times c) and, with qk_norm, so are the queries and keys: every LayerNorm
+    then gives what it gives here."""
+    eps = enc.ln.eps
+    c = math.sqrt(TIMM_LN_EPS / eps)
+    D = cfg.width
+    t = lambda x, scale=1.0: (x.detach().float().cpu() * scale).contiguous()
+    sd = {"patch_embed.proj.weight": t(enc.patch.weight, c), "patch_embed.proj.bias": t(enc.patch.bias, c),
+          "pos_embed": t(enc.pos, c),                                          # (1, N, D), row-major as the patches
+          "norm.weight": t(enc.ln.weight), "norm.bias": t(enc.ln.bias)}
+    for i, blk in enumerate(enc.blocks):
+        p = f"blocks.{i}."
+        qk = torch.ones(3 * D, 1)                                            # rows of q, k, v in the fused qkv
+        if cfg.qk_norm:
+            qk[:2 * D] = c                                                   # q_norm(c q) at c^2 eps = q_norm(q)
+            for n in ("q_norm", "k_norm"):
+                sd[p + f"attn.{n}.weight"], sd[p + f"attn.{n}.bias"] = t(getattr(blk.attn, n).weight), t(getattr(blk.attn, n).bias)
+        sd.update({p + "norm1.weight": t(blk.ln1.weight), p + "norm1.bias": t(blk.ln1.bias),
+                   p + "attn.qkv.weight": t(blk.attn.qkv.weight * qk), p + "attn.qkv.bias": t(blk.attn.qkv.bias * qk[:, 0]),
+                   p + "attn.proj.weight": t(blk.attn.proj.weight, c), p + "attn.proj.bias": t(blk.attn.proj.bias, c),
+                   p + "norm2.weight": t(blk.ln2.weight), p + "norm2.bias": t(blk.ln2.bias),
+                   p + "mlp.fc1.weight": t(blk.mlp[0].weight), p + "mlp.fc1.bias": t(blk.mlp[0].bias),
+                   p + "mlp.fc2.weight": t(blk.mlp[2].weight, c), p + "mlp.fc2.bias": t(blk.mlp[2].bias, c)})
+    mean, std = t(enc.mean).view(3, 1, 1), t(enc.std).view(3, 1, 1)
+    # the name only selects timm's VisionTransformer; every size comes from kwargs
+    name = {768: "vit_base_patch16_224"}.get(D, "vit_small_patch16_224")
+    kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.enc_depth, num_heads=cfg.heads,
+                  mlp_ratio=cfg.mlp_ratio, qkv_bias=True, qk_norm=cfg.qk_norm, class_token=False, global_pool="avg",
+                  fc_norm=False, num_classes=0,
+                  # what timm.data.resolve_model_data_config reads: this ViT's input size, normalisation, crop
+                  pretrained_cfg_overlay=dict(input_size=(3, cfg.img_size, cfg.img_size), mean=tuple(round(v, 6) for v in mean.flatten().tolist()),
+                                              std=tuple(round(v, 6) for v in std.flatten().tolist()), interpolation="bicubic",
+                                              crop_pct=cfg.img_size / data.eval_resize(cfg.img_size)))
+    return dict(model_name=name, kwargs=kwargs, state_dict=sd, mean=mean, std=std, mdc_config=asdict(cfg))
+
+
+def export_timm(ckpt, path):
+    """--export_timm: write timm_export of a checkpoint's encoder (ema:PATH: its --ema weights) to path
+    (torch.save, loads with weights_only)."""
+    src, ema = ckpt_spec(ckpt)
+    model, cfg, _, meta = mdc.load_checkpoint(src, ema=ema)
+    torch.save({**timm_export(model.encoder, cfg), "step": meta.get("step")}, path)
+    print(f"wrote {path}: the encoder of {ckpt} (step {meta.get('step')}) for timm.create_model; README.md says how to load it")
+
+
+# -----------------------------------------------------------------------------
+# Table and JSON
+
+
+def pct(v):
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+SIGNAL = ("signal early", "signal middle", "signal late", *(f"signal {k} word" for k in data.WORD_KINDS))  # nats, not %
+
+
+RAW = {**{k: "{:.3f}" for k in SIGNAL}, "enc logit max": "{:.1f}", "text logit max": "{:.1f}"}  # columns printed as they are
+
+
+def format_table(results):
+    """Rows = encoders (plus one row per extra scoring rule of mdc), columns = metrics, in %."""
+    cols = []
+    for e in results["encoders"]:
+        for k, v in e["metrics"].items():
+            per_rule = isinstance(v, dict) and set(v) <= {r for rs in RULES.values() for r in rs}
+            if (per_rule or k.endswith(("top1", "top5")) or k in RAW) and k not in cols:
+                cols.append(k)
+    rows = []
+    for e in results["encoders"]:
+        m = e["metrics"]
+        known = RULES.get(e.get("objective"), ())
+        rules = [r for r in known if any(isinstance(v, dict) and r in v for v in m.values())] or known[:1]  # those that ran
+        label = e["name"] + (f" ({e['objective']})" if e.get("objective") else "")
+        for i, rule in enumerate(rules or [None]):
+            cells = []
+            for c in cols:
+                v = m.get(c)
+                if c in RAW:
+                    cells.append("" if i else "-" if v is None else RAW[c].format(v))
+                else:
+                    cells.append(pct(v.get(rule)) if isinstance(v, dict) else pct(v) if i == 0 else "")
+            name = label if i == 0 else f"  same, scored by {rule}"
+            rows.append([name + (f" [{rule}]" if i == 0 and rule else "")] + cells)
+    head = ["encoder"] + cols
+    w = [max(len(r[j]) for r in [head] + rows) for j in range(len(head))]
+    line = lambda r: "  ".join(s.ljust(w[0]) if j == 0 else s.rjust(w[j]) for j, s in enumerate(r))
+    return "\n".join([line(head), "-" * len(line(head))] + [line(r) for r in rows])
+
+
+def save_json(path, results):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def machine():
+    return (f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch {torch.__version__}"
+            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+
+
+# -----------------------------------------------------------------------------
+# The command line: parse, evaluate, report
+
+
+def bench(n=50_000, d=384, c=100, device="cpu"):
+    """Time the whole L-BFGS sweep (hold-out grid + refit, every fit to convergence) on
+    class-structured Gaussian features."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, c, (n + 10_000,), generator=g)
+    means = torch.randn(c, d, generator=g) * 0.25
+    x = means[y] + torch.randn(n + 10_000, d, generator=g)
+    t0 = time.perf_counter()
+    r = logreg_probe(x[:n], y[:n], x[n:], y[n:], c, device=torch.device(device))
+    dt = time.perf_counter() - t0
+    print(f"L-BFGS logistic-regression sweep on {n:,} x {d} features, {c} classes: {dt:.1f} s "
+          f"({r['logreg evals']} function evaluations, lam {r['logreg lambda']:.0e}, test top-1 "
+          f"{100 * r['logreg top1']:.1f}%, unconverged fits: {', '.join(r['logreg unconverged']) or 'none'}) | {machine()}")
+    t0 = time.perf_counter()
+    r = ridge_probe(x[:n], y[:n], x[n:], y[n:], c, log=lambda s: None)
+    print(f"ridge sweep ({len(RIDGE_GRID)} strengths) on the same: {time.perf_counter() - t0:.1f} s, "
+          f"test top-1 {100 * r['ridge top1']:.1f}%")
+
+
+def parse(argv):
+    p = data.ArgumentParser(prog="probe.py", description="linear probe, zero-shot, compositionality and retrieval of encoders")
+    p.add_argument("--ckpt", action="append", default=[], help="checkpoint path, ema:PATH (its --ema weights), 'random', 'random:SEED' or 'pixels'; repeatable")
+    p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK[/SUBSET]], cifar10, cifar100, imagefolder:ROOT, "
+                   "imagenet:ROOT (read batch by batch; at 224 px and above short side to 256, centre crop 224)")
+    p.add_argument("--data_root", default="data")
+    p.add_argument("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded subset), imagenet100 "
+                   "(CMC's 100 classes), or a file of wnids")
+    p.add_argument("--per_class", type=int, default=0, help="cap on training images per class (0 = all)")
+    p.add_argument("--captions", default=None, help="caption dataset for compositionality and retrieval (default shapes)")
+    p.add_argument("--caption_tie", type=float, default=None,
+                   help="shapes: the --tie of the captions that compositionality, retrieval and the signal use (default: each "
+                        "model's own); 0 tells whether a model trained with a tie sees shape in the image, not only colour")
+    p.add_argument("--model", default="tiny", help="preset for 'random' when no checkpoint is given")
+    p.add_argument("--img_size", type=int, default=0, help="input size for 'random'/'pixels' when no checkpoint is given")
+    p.add_argument("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
+    p.add_argument("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"],
+                   help="sklearn: L-BFGS and, as a reference, scikit-learn doing the same job (pip install scikit-learn)")
+    p.add_argument("--sklearn_solver", default="lbfgs", choices=["lbfgs", "newton-cholesky"],
+                   help="--fitter=sklearn: scikit-learn's solver (newton-cholesky converges where lbfgs needs 10^5 iterations)")
+    p.add_argument("--zeroshot", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--compositional", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--signal", action=argparse.BooleanOptionalAction, default=None,
+                   help="visual signal per caption position (captioners; default on with captions)")
+    p.add_argument("--logits", action="store_true", help="largest attention logit on a caption batch (stability)")
+    p.add_argument("--plot", default=None, help="save the per-position visual signal of every captioner as a PNG here")
+    p.add_argument("--mdc_rules", default=",".join(MDC_RULES), help="mdc's scoring rules to run (pll costs a decoder pass per token)")
+    p.add_argument("--K", type=int, default=8, help="mdc: Monte Carlo (t, mask) draws per caption score")
+    p.add_argument("--n_eval", type=int, default=1000, help="images for zero-shot and compositionality")
+    p.add_argument("--n_retrieval", type=int, default=100, help="image-caption pairs for retrieval")
+    p.add_argument("--seed", type=int, default=0, help="probe data, hold-out split, random init, Monte Carlo draws")
+    p.add_argument("--cache_dir", default=".cache/features")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, choices=mdc.DTYPES,
+                   help="precision of feature extraction and scoring (default: each checkpoint's own --dtype; auto = bf16 "
+                        "autocast on CUDA, fp32 on a CPU)")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="imagefolder/imagenet: DataLoader workers that decode the images (0 = in this process)")
+    p.add_argument("--json", default=None, help="write the results and each checkpoint's config here")
+    p.add_argument("--plot_vs", default=None, help="no probing: plot --metrics of the --from_json results against this "
+                                                   "config field (e.g. tie, or step) into --plot")
+    p.add_argument("--bands", action="store_true", help="--plot_vs: draw the 95%% intervals as shaded bands, not error bars")
+    p.add_argument("--from_json", action="append", default=[], help="a results file of an earlier --json, or a quoted pattern of them ('results/default/*.json'); repeatable")
+    p.add_argument("--metrics", default="ridge top1", help="--plot_vs, --summary: comma-separated metric names, e.g. 'ridge top1,signal shape word'")
+    p.add_argument("--summary", default=None, help="no probing: n, mean, sd and 95%% interval of --metrics over the seeds of the "
+                                                   "--from_json runs, per group of these comma-separated flags (e.g. objective,t_min)")
+    p.add_argument("--diff", action="append", default=[], help="--summary: FLAG:A,B, the paired-by-seed difference (FLAG=A) - "
+                                                               "(FLAG=B) instead; twice: the interaction (a difference of differences)")
+    p.add_argument("--pool", default="", help="--summary: comma-separated flags whose runs of one seed may be averaged "
+                                               "(without it, runs that differ in a flag the grouping does not name are an error)")
+    p.add_argument("--seed_of", default="seed", choices=["seed", "init_seed", "data_seed", "noise_seed"],
+                   help="--summary: the flag that numbers the replicates (one random stream alone; -1 reads as --seed)")
+    p.add_argument("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
+    p.add_argument("--export_timm", default=None, metavar="PATH", help="no probing: write the --ckpt's encoder as a file for "
+                   "timm (model_name, kwargs, state_dict, mean, std; README.md says how to load it)")
+    a = p.parse_args(argv)
+    a.classes = int(a.classes) if a.classes.isdigit() else a.classes
+    bad = [r for r in a.mdc_rules.split(",") if r not in MDC_RULES]
+    if bad:
+        p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(MDC_RULES)}")
+    for name, ok in (("K", a.K >= 1), ("n_eval", a.n_eval >= 1), ("n_retrieval", a.n_retrieval >= 2),
+                     ("batch_size", a.batch_size >= 1), ("num_workers", a.num_workers >= 0), ("per_class", a.per_class >= 0), ("pixel_size", a.pixel_size >= 1),
+                     ("img_size", a.img_size >= 0), ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
+        if not ok:
+            p.error(f"--{name}={getattr(a, name)} is out of range")
+    if missing := [c for c in a.ckpt if c != "pixels" and not re.fullmatch(r"random(:\d+)?", c) and not os.path.isfile(ckpt_spec(c)[0])]:
+        p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, ema:PATH, or random / random:SEED / pixels)")
+    # --from_json takes files or quoted patterns ('results/default/*.json'), expanded here in sorted order
+    a.from_json = [f for pat in a.from_json for f in (sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat])
+                   or p.error(f"--from_json={pat}: no file matches")]
+    a.diff = [(f, *ab.split(",", 1)) for f, _, ab in (d.partition(":") for d in a.diff)]
+    a.pool = [f for f in a.pool.split(",") if f]
+    if a.json and os.path.exists(a.json):
+        p.error(f"--json={a.json} exists: a result file is never overwritten; give the rerun its own name")
+    if any(len(d) != 3 for d in a.diff):
+        p.error("--diff expects FLAG:A,B, e.g. --diff=objective:mdc,ar")
+    if a.export_timm:
+        if len(a.ckpt) != 1 or a.ckpt[0] == "pixels" or a.ckpt[0].startswith("random"):
+            p.error("--export_timm=PATH needs exactly one --ckpt=CHECKPOINT (a file written by mdc.py)")
+        folder = os.path.dirname(os.path.abspath(a.export_timm))
+        if os.path.isdir(a.export_timm) or not os.path.isdir(folder):
+            p.error(f"--export_timm={a.export_timm}: not a file path in an existing folder")
+        return a
+    if a.summary is not None:
+        if not a.from_json:
+            p.error("--summary needs --from_json=FILE (one or more)")
+        if missing := [f for f in a.from_json if not os.path.isfile(f)]:
+            p.error(f"--from_json={missing[0]}: no such file")
+        return a
+    if a.plot_vs:
+        if not (a.from_json and a.plot):
+            p.error("--plot_vs needs --from_json=FILE (one or more) and --plot=FILE.png")
+        if missing := [f for f in a.from_json if not os.path.isfile(f)]:
+            p.error(f"--from_json={missing[0]}: no such file")
+        return a
+    if not a.bench and not a.ckpt:
+        p.error("give at least one --ckpt=PATH (or --ckpt=random / --ckpt=pixels)")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device={a.device}: no CUDA device is available here")
+    data.check_probe(a.dataset, a.data_root)
+    return a
+
+
+def tasks(args, encs):
+    """Which evaluations run beyond the linear probe: {zeroshot, compositional, retrieval, signal} -> bool
+    (a flag of the call, else on with captions; all off where no encoder here scores captions)."""
+    with_captions = args.dataset.startswith("shapes") or args.captions is not None
+    on = {"zeroshot": True, "compositional": with_captions, "retrieval": with_captions, "signal": with_captions}
+    scorers = any(e["kind"] == "ckpt" and RULES[e["cfg"].objective] for e in encs)
+    return {k: scorers and (default if getattr(args, k) is None else getattr(args, k)) for k, default in on.items()}
+
+
+def caption_metrics(e, args, do, te, caption_sets, device):
+    """The evaluations that score captions (zero-shot, compositionality, retrieval, the largest attention
+    logit, the visual signal) of one checkpoint e: {metric: value}. caption_sets caches the caption data."""
+    model, tok, cfg, m = e["model"], e["tok"], e["cfg"], {}
+    rules = [r for r in args.mdc_rules.split(",") if r] if RULES[cfg.objective] == MDC_RULES else None
+    kw = dict(K=args.K, seed=args.seed, batch_size=args.batch_size, rules=rules)
+    if do["zeroshot"] and (zs := zeroshot(model, cfg, tok, te, args.dataset, args.n_eval, **kw)):
+        m["zero-shot"] = zs
+    if not (do["compositional"] or do["retrieval"] or do["signal"] or args.logits):
+        return m
+    captions = args.captions or "shapes"
+    tie = cfg.tie if args.caption_tie is None else args.caption_tie   # shapes: the model's own world by default
+    key = (captions, cfg.img_size, tie, cfg.order, cfg.alias)
+    if key not in caption_sets:
+        caption_sets[key] = data.build_caption_data(captions, img_size=cfg.img_size, seed=args.seed,
+                                                    tie=tie, order=cfg.order, alias=cfg.alias)[1]
+    val, m["caption tie"] = caption_sets[key], tie
+    if do["compositional"]:
+        synthetic = captions == "shapes"
+        imgs, caps = multi_object(val, args.n_eval) if synthetic else val.batch(np.arange(args.n_eval), 0)
+        m.update(compositional(model, cfg, tok, imgs, caps, synthetic, **kw))
+    if do["retrieval"]:
+        m.update(retrieval(model, cfg, tok, *val.batch(np.arange(args.n_retrieval), 0), **kw))
+    if args.logits:
+        imgs, caps = val.batch(np.arange(min(args.n_eval, 256)), 0)
+        m.update(attention_logit_max(model, cfg, data.to_input(imgs, cfg.img_size).to(device), tok.batch(caps, cfg.max_len).to(device)))
+    if do["signal"] and cfg.objective in mdc.CAPTIONERS:
+        m.update(caption_signal(model, cfg, tok, val, args.n_eval, args.K, args.seed, args.batch_size))
+    return m
+
+
+def evaluate(args, argv, device):
+    """Every --ckpt of the call through the linear probe and, where it scores captions, the caption
+    evaluations -> the results dict that --json writes (with how and where it was made)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    t_start = time.perf_counter()
+    encs = load_encoders(args.ckpt, args.model, args.img_size, args.seed, device)
+    for e in encs:  # --dtype: every encoder in this precision; by default each checkpoint's own (--dtype of mdc.py)
+        e["cfg"] = replace(e["cfg"], dtype=args.dtype or e["cfg"].dtype)
+    do = tasks(args, encs)
+    command = "python " + " ".join([os.path.basename(sys.argv[0] or "probe.py")] + list(argv))
+    datasets, caption_sets, results = {}, {}, {"command": command, "machine": machine(), "device": str(device),
+                                               "threads": torch.get_num_threads(), "commit": mdc.code_version(),
+                                               "args": vars(args), "tasks": do, "encoders": []}
+    for e in encs:
+        t0, cfg = time.perf_counter(), e["cfg"]
+        log = lambda s: print(f"{e['name']}: {s}")
+        xtr, ytr, _ = probe_features(e, "train", args, device, datasets)
+        xte, yte, te = probe_features(e, "test", args, device, datasets)
+        m = linear_probe(xtr, ytr, xte, yte, int(max(ytr.max(), yte.max())) + 1, args.fitter, device, log, args.sklearn_solver)
+        if e["kind"] == "ckpt" and not RULES[cfg.objective]:
+            log(f"{cfg.objective} has no text side: linear probe only (no zero-shot, compositionality, retrieval, signal)")
+        elif e["kind"] == "ckpt":
+            m.update(caption_metrics(e, args, do, te(), caption_sets, device))
+        log(f"done in {time.perf_counter() - t0:.0f} s")
+        results["encoders"].append(dict(name=e["name"], kind=e["kind"], objective=cfg.objective if e["kind"] == "ckpt" else None,
+                                        step=e.get("step"), init_seed=e.get("init_seed"), config=asdict(cfg), metrics=m,
+                                        **({"weights": e["weights"], "training": e["made"]} if e["kind"] == "ckpt" else {})))
+    results["probe_seconds"] = time.perf_counter() - t_start
+    return results
+
+
+def report(results, args):
+    """The table of one call, what its columns mean, and the --plot and --json files."""
+    do, captions = results["tasks"], args.captions or "shapes"
+    parts = [f"zero-shot on {args.n_eval} images"] if do["zeroshot"] else []
+    parts += [f"compositionality on {args.n_eval} {captions} val captions"] if do["compositional"] else []
+    parts += [f"retrieval on {args.n_retrieval} {captions} val pairs"] if do["retrieval"] else []
+    print(f"\n{results['command']}\nmachine: {results['machine']}, device {results['device']}\nprobe {args.dataset}: "
+          f"ridge / logreg = linear probe (top-1 %), L2 chosen on a 10% hold-out of train"
+          + "".join(f"; {p}" for p in parts) + f"; mdc scored by minus its training loss over K={args.K} draws\n")
+    print(format_table(results))
+    if args.fitter == "sklearn":
+        for e in results["encoders"]:
+            m = e["metrics"]
+            print(f"{e['name']}: L-BFGS probe {m['logreg seconds']:.1f} s (lam {m['logreg lambda']:.0e}, unconverged "
+                  f"{m['logreg unconverged'] or 'none'}) | scikit-learn {m['sklearn solver']} {m['sklearn seconds']:.1f} s (lam "
+                  f"{m['sklearn lambda']:.0e}, unconverged {m['sklearn unconverged'] or 'none'}); at the L-BFGS probe's lam "
+                  f"{100 * m['sklearn top1 at logreg lambda']:.1f}% in {m['sklearn seconds at logreg lambda']:.1f} s "
+                  f"({'converged' if m['sklearn converged at logreg lambda'] else 'NOT converged'}) | {torch.get_num_threads()} threads")
+    if do["signal"]:
+        print("signal early / middle / late: mean CE(mismatched image) - CE(true image) in nats over the "
+              "first, middle and last third of each caption, and at the shape / colour / size words; mdc at its "
+              "training t ~ U(t_min, 1)")
+    if args.plot:
+        plot_signal(results, args.plot)
+        print(f"wrote {args.plot}")
+    if args.json:
+        save_json(args.json, results)
+        print(f"\nwrote {args.json}")
+
+
+def main(argv):
+    args = parse(argv)
+    device = mdc.pick_device(args.device)
+    if args.bench:
+        return bench(device=device)
+    if args.export_timm:
+        return export_timm(args.ckpt[0], args.export_timm)
+    if args.summary is not None:   # the summaries of earlier calls' result files: the last section
+        results = [load_json(f) for f in args.from_json]
+        tables = [summary_table(results, [f for f in args.summary.split(",") if f], m, args.diff, args.pool, args.seed_of)
+                  for m in args.metrics.split(",")]
+        print("\n\n".join(tables))
+        return tables
+    if args.plot_vs:
+        plot_vs([load_json(f) for f in args.from_json], args.plot_vs, args.metrics.split(","), args.plot, args.bands)
+        return print(f"wrote {args.plot}")
+    results = evaluate(args, argv, device)
+    report(results, args)
+    return results
+
+
+# =============================================================================
+# Summaries of many runs: the statistics, sweeps and figures behind RESULTS.md, read from the
+# result files of earlier calls (--summary, --plot_vs). One seed is a smoke test: n, mean,
+# standard deviation and the 95% interval (Student t) per group of runs, and the paired
+# difference of two arms that share their seeds, whose interval says whether they differ.
+# =============================================================================
+
 
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -960,414 +1461,74 @@ def summary_table(results, by, metric, diffs=(), pool=(), seed_of="seed"):
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# The encoders of one call: checkpoints, a random init of the same ViT, raw pixels
-
-
-def ckpt_spec(s):
-    """A --ckpt value that names a checkpoint -> (its path, whether ema:PATH asks for its --ema weights)."""
-    return s.removeprefix("ema:"), s.startswith("ema:")
-
-
-def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
-    """--ckpt values -> list of dicts (name, kind, cfg, encoder, key; a checkpoint also model, tok, step, weights). A
-    checkpoint keeps its decoder for scoring; ema:PATH loads the moving average of its weights (--ema) instead of
-    the weights; 'random' copies the first checkpoint's config (else the preset)."""
-    encs, ref = [], None
-    for s in specs:
-        if s in ("random", "pixels") or re.fullmatch(r"random:\d+", s):   # random:S = the init of seed S
-            kind, _, init = s.partition(":")
-            encs.append(dict(name=s, kind=kind, init_seed=int(init) if init else seed))
-            continue
-        path, ema = ckpt_spec(s)
-        weights = "ema" if ema else "final"
-        model, cfg, tok, ckpt = mdc.load_checkpoint(path, device, ema=ema)
-        st = os.stat(path)
-        key = dict(path=os.path.abspath(path), size=st.st_size, mtime=st.st_mtime_ns, **({"weights": "ema"} if ema else {}))
-        encs.append(dict(name=s, kind="ckpt", cfg=cfg, model=model, tok=tok, encoder=model.encoder, step=ckpt.get("step"),
-                         weights=weights, key=key, made=ckpt.get("provenance")))
-        ref = ref or cfg
-    if ref is None:
-        ref = mdc.parse_args([f"--model={preset}"] + ([f"--img_size={img_size}"] if img_size else []))
+def sweep_points(results, field, metric):
+    """The points of one metric of many runs (results dicts of earlier calls) against one config
+    field, e.g. tie, or against the training step of the checkpoints (field "step"). Returns (the other flags that differ between the runs, the seed aside;
+    {their values: {field value: [metric over seeds]}}; {floor kind: metric}), accuracies in %."""
+    encs = [e for r in results for e in r["encoders"]]
+    ckpts = [(e, r.get("args")) for r in results for e in r["encoders"] if e["kind"] == "ckpt"]   # with the probe call's args
+    runs = [e for e, _ in ckpts]
+    defaults = asdict(mdc.Config())
+    flags = [run_flags(e, defaults, a) for e, a in ckpts]
+    fixed = (field, "seed", "step") + mdc.BOOKKEEPING   # runs differ by what was trained, not by how it was logged
+    varying = [k for k in (flags[0] if flags else ()) if k not in fixed and len({json.dumps(f.get(k)) for f in flags}) > 1]
+    scale = 1 if metric in RAW else 100
+    value = lambda v: next(iter(v.values()), None) if isinstance(v, dict) else v    # per-rule metrics: the first rule
+    groups = {}
+    for e, f in zip(runs, flags):
+        if (v := value(e["metrics"].get(metric))) is not None:
+            key = tuple(f.get(k) for k in varying)
+            x = f[field]   # step: checkpoints along one run (--keep_ckpts)
+            groups.setdefault(key, {}).setdefault(x, []).append(scale * v)
+    floor_runs = {}
     for e in encs:
-        if e["kind"] == "random":
-            e.update(cfg=ref, encoder=random_encoder(ref, e["init_seed"], device), key=dict(random=asdict(ref), seed=e["init_seed"]))
-        elif e["kind"] == "pixels":
-            e.update(cfg=ref)
-    return encs
+        if e["kind"] in ("random", "pixels") and (v := value(e["metrics"].get(metric))) is not None:
+            floor_runs.setdefault(e["kind"], []).append(scale * v)
+    floors = {k: float(np.mean(v)) for k, v in floor_runs.items()}   # a random floor: the mean over its init seeds
+    return varying, groups, floors
 
 
-def probe_features(enc, split, args, device, datasets):
-    """(features (N, D), labels (N,), dataset()) of one encoder on one split, the features cached;
-    dataset() loads the probe dataset at the encoder's size once (kept in `datasets`)."""
-    size = enc["cfg"].img_size
-    if enc["kind"] == "pixels":  # raw pixels, at most --pixel_size (150k values at 224 px is too many)
-        size = min(size, args.pixel_size)
-    ds_args = dict(spec=args.dataset, split=split, img_size=size, data_root=args.data_root, seed=args.seed,
-                   classes=args.classes, per_class=args.per_class)
-
-    def ds():
-        k = json.dumps(ds_args, sort_keys=True)
-        if k not in datasets:
-            datasets[k] = data.probe_dataset(**ds_args)
-        return datasets[k]
-
-    read = dict(batch_size=args.batch_size, desc=f"{enc['name']} {split}", num_workers=args.num_workers)
-    if enc["kind"] == "pixels":  # (N, 3 * S * S), read batch by batch like the features, not cached
-        x, y = extract(lambda imgs: imgs.flatten(1), ds(), size, torch.device("cpu"), **read)
-    else:
-        # an ImageFolder at 224 px and above is read through the evaluation transform (data.eval_resize)
-        dtype = mdc.precision(device, enc["cfg"].dtype)       # the checkpoint's own, or --dtype
-        key = cache_key(encoder=enc["key"], **ds_args, resize=data.eval_resize(size), dtype=dtype)
-        x, y = cached_features(key, lambda: extract(enc["encoder"].features, ds(), size, device, dtype=dtype, **read),
-                               args.cache_dir)
-    return x, y, ds
+def objective_colour(objective):
+    """One colour per objective, the same in every panel and every figure."""
+    import matplotlib
+    return matplotlib.colormaps["tab10"](mdc.OBJECTIVES.index(objective) % 10) if objective in mdc.OBJECTIVES else "grey"
 
 
-# -----------------------------------------------------------------------------
-# The encoder as a timm VisionTransformer (pip install timm; the project itself does not need it)
-
-TIMM_LN_EPS = 1e-6  # timm's LayerNorm default (timm/layers/norm.py), which every norm_layer given by name gets
-
-
-def timm_export(enc, cfg):
-    """The ViT `enc` as the contents of a file for timm: {model_name, kwargs, state_dict, mean, std}, with
-    timm.create_model(model_name, pretrained=False, **kwargs).load_state_dict(state_dict) (strict) a
-    VisionTransformer whose forward_head(forward_features((images - mean) / std), pre_logits=True) is
-    enc.features(images) for images in [0, 1]: no class token, this ViT's fixed sin-cos positions as its
-    pos_embed, the final norm on the tokens before the mean (fc_norm=False). kwargs are plain values.
-    One difference needs the weights changed: timm's LayerNorm has eps 1e-6, this ViT's 1e-5. LayerNorm is
-    unchanged by scaling its input except through eps, LN_eps(x) = LN_{c^2 eps}(c x), so with c =
-    sqrt(1e-6 / 1e-5) the residual stream is carried scaled by c (patch embedding, positions and every
-    branch's output projection times c) and, with qk_norm, so are the queries and keys: every LayerNorm
-    then gives what it gives here."""
-    eps = enc.ln.eps
-    c = math.sqrt(TIMM_LN_EPS / eps)
-    D = cfg.width
-    t = lambda x, scale=1.0: (x.detach().float().cpu() * scale).contiguous()
-    sd = {"patch_embed.proj.weight": t(enc.patch.weight, c), "patch_embed.proj.bias": t(enc.patch.bias, c),
-          "pos_embed": t(enc.pos, c),                                          # (1, N, D), row-major as the patches
-          "norm.weight": t(enc.ln.weight), "norm.bias": t(enc.ln.bias)}
-    for i, blk in enumerate(enc.blocks):
-        p = f"blocks.{i}."
-        qk = torch.ones(3 * D, 1)                                            # rows of q, k, v in the fused qkv
-        if cfg.qk_norm:
-            qk[:2 * D] = c                                                   # q_norm(c q) at c^2 eps = q_norm(q)
-            for n in ("q_norm", "k_norm"):
-                sd[p + f"attn.{n}.weight"], sd[p + f"attn.{n}.bias"] = t(getattr(blk.attn, n).weight), t(getattr(blk.attn, n).bias)
-        sd.update({p + "norm1.weight": t(blk.ln1.weight), p + "norm1.bias": t(blk.ln1.bias),
-                   p + "attn.qkv.weight": t(blk.attn.qkv.weight * qk), p + "attn.qkv.bias": t(blk.attn.qkv.bias * qk[:, 0]),
-                   p + "attn.proj.weight": t(blk.attn.proj.weight, c), p + "attn.proj.bias": t(blk.attn.proj.bias, c),
-                   p + "norm2.weight": t(blk.ln2.weight), p + "norm2.bias": t(blk.ln2.bias),
-                   p + "mlp.fc1.weight": t(blk.mlp[0].weight), p + "mlp.fc1.bias": t(blk.mlp[0].bias),
-                   p + "mlp.fc2.weight": t(blk.mlp[2].weight, c), p + "mlp.fc2.bias": t(blk.mlp[2].bias, c)})
-    mean, std = t(enc.mean).view(3, 1, 1), t(enc.std).view(3, 1, 1)
-    # the name only selects timm's VisionTransformer; every size comes from kwargs
-    name = {768: "vit_base_patch16_224"}.get(D, "vit_small_patch16_224")
-    kwargs = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.enc_depth, num_heads=cfg.heads,
-                  mlp_ratio=cfg.mlp_ratio, qkv_bias=True, qk_norm=cfg.qk_norm, class_token=False, global_pool="avg",
-                  fc_norm=False, num_classes=0,
-                  # what timm.data.resolve_model_data_config reads: this ViT's input size, normalisation, crop
-                  pretrained_cfg_overlay=dict(input_size=(3, cfg.img_size, cfg.img_size), mean=tuple(round(v, 6) for v in mean.flatten().tolist()),
-                                              std=tuple(round(v, 6) for v in std.flatten().tolist()), interpolation="bicubic",
-                                              crop_pct=cfg.img_size / data.eval_resize(cfg.img_size)))
-    return dict(model_name=name, kwargs=kwargs, state_dict=sd, mean=mean, std=std, mdc_config=asdict(cfg))
-
-
-def export_timm(ckpt, path):
-    """--export_timm: write timm_export of a checkpoint's encoder (ema:PATH: its --ema weights) to path
-    (torch.save, loads with weights_only)."""
-    src, ema = ckpt_spec(ckpt)
-    model, cfg, _, meta = mdc.load_checkpoint(src, ema=ema)
-    torch.save({**timm_export(model.encoder, cfg), "step": meta.get("step")}, path)
-    print(f"wrote {path}: the encoder of {ckpt} (step {meta.get('step')}) for timm.create_model; README.md says how to load it")
-
-
-# -----------------------------------------------------------------------------
-# Table and JSON
-
-
-def pct(v):
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-SIGNAL = ("signal early", "signal middle", "signal late", *(f"signal {k} word" for k in data.WORD_KINDS))  # nats, not %
-RAW = {**{k: "{:.3f}" for k in SIGNAL}, "enc logit max": "{:.1f}", "text logit max": "{:.1f}"}  # columns printed as they are
-
-
-def format_table(results):
-    """Rows = encoders (plus one row per extra scoring rule of mdc), columns = metrics, in %."""
-    cols = []
-    for e in results["encoders"]:
-        for k, v in e["metrics"].items():
-            per_rule = isinstance(v, dict) and set(v) <= {r for rs in RULES.values() for r in rs}
-            if (per_rule or k.endswith(("top1", "top5")) or k in RAW) and k not in cols:
-                cols.append(k)
-    rows = []
-    for e in results["encoders"]:
-        m = e["metrics"]
-        known = RULES.get(e.get("objective"), ())
-        rules = [r for r in known if any(isinstance(v, dict) and r in v for v in m.values())] or known[:1]  # those that ran
-        label = e["name"] + (f" ({e['objective']})" if e.get("objective") else "")
-        for i, rule in enumerate(rules or [None]):
-            cells = []
-            for c in cols:
-                v = m.get(c)
-                if c in RAW:
-                    cells.append("" if i else "-" if v is None else RAW[c].format(v))
-                else:
-                    cells.append(pct(v.get(rule)) if isinstance(v, dict) else pct(v) if i == 0 else "")
-            name = label if i == 0 else f"  same, scored by {rule}"
-            rows.append([name + (f" [{rule}]" if i == 0 and rule else "")] + cells)
-    head = ["encoder"] + cols
-    w = [max(len(r[j]) for r in [head] + rows) for j in range(len(head))]
-    line = lambda r: "  ".join(s.ljust(w[0]) if j == 0 else s.rjust(w[j]) for j, s in enumerate(r))
-    return "\n".join([line(head), "-" * len(line(head))] + [line(r) for r in rows])
-
-
-def save_json(path, results):
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-
-
-def load_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def machine():
-    return (f"{os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch {torch.__version__}"
-            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-
-
-# -----------------------------------------------------------------------------
-# Benchmark and command line
-
-
-def bench(n=50_000, d=384, c=100, device="cpu"):
-    """Time the whole L-BFGS sweep (hold-out grid + refit, every fit to convergence) on
-    class-structured Gaussian features."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, c, (n + 10_000,), generator=g)
-    means = torch.randn(c, d, generator=g) * 0.25
-    x = means[y] + torch.randn(n + 10_000, d, generator=g)
-    t0 = time.perf_counter()
-    r = logreg_probe(x[:n], y[:n], x[n:], y[n:], c, device=torch.device(device))
-    dt = time.perf_counter() - t0
-    print(f"L-BFGS logistic-regression sweep on {n:,} x {d} features, {c} classes: {dt:.1f} s "
-          f"({r['logreg evals']} function evaluations, lam {r['logreg lambda']:.0e}, test top-1 "
-          f"{100 * r['logreg top1']:.1f}%, unconverged fits: {', '.join(r['logreg unconverged']) or 'none'}) | {machine()}")
-    t0 = time.perf_counter()
-    r = ridge_probe(x[:n], y[:n], x[n:], y[n:], c, log=lambda s: None)
-    print(f"ridge sweep ({len(RIDGE_GRID)} strengths) on the same: {time.perf_counter() - t0:.1f} s, "
-          f"test top-1 {100 * r['ridge top1']:.1f}%")
-
-
-def parse(argv):
-    p = data.ArgumentParser(prog="probe.py", description="linear probe, zero-shot, compositionality and retrieval of encoders")
-    p.add_argument("--ckpt", action="append", default=[], help="checkpoint path, ema:PATH (its --ema weights), 'random', 'random:SEED' or 'pixels'; repeatable")
-    p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK[/SUBSET]], cifar10, cifar100, imagefolder:ROOT, "
-                   "imagenet:ROOT (read batch by batch; at 224 px and above short side to 256, centre crop 224)")
-    p.add_argument("--data_root", default="data")
-    p.add_argument("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded subset), imagenet100 "
-                   "(CMC's 100 classes), or a file of wnids")
-    p.add_argument("--per_class", type=int, default=0, help="cap on training images per class (0 = all)")
-    p.add_argument("--captions", default=None, help="caption dataset for compositionality and retrieval (default shapes)")
-    p.add_argument("--caption_tie", type=float, default=None,
-                   help="shapes: the --tie of the captions that compositionality, retrieval and the signal use (default: each "
-                        "model's own); 0 tells whether a model trained with a tie sees shape in the image, not only colour")
-    p.add_argument("--model", default="tiny", help="preset for 'random' when no checkpoint is given")
-    p.add_argument("--img_size", type=int, default=0, help="input size for 'random'/'pixels' when no checkpoint is given")
-    p.add_argument("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
-    p.add_argument("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"],
-                   help="sklearn: L-BFGS and, as a reference, scikit-learn doing the same job (pip install scikit-learn)")
-    p.add_argument("--sklearn_solver", default="lbfgs", choices=["lbfgs", "newton-cholesky"],
-                   help="--fitter=sklearn: scikit-learn's solver (newton-cholesky converges where lbfgs needs 10^5 iterations)")
-    p.add_argument("--zeroshot", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compositional", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--signal", action=argparse.BooleanOptionalAction, default=None,
-                   help="visual signal per caption position (captioners; default on with captions)")
-    p.add_argument("--logits", action="store_true", help="largest attention logit on a caption batch (stability)")
-    p.add_argument("--plot", default=None, help="save the per-position visual signal of every captioner as a PNG here")
-    p.add_argument("--mdc_rules", default=",".join(MDC_RULES), help="mdc's scoring rules to run (pll costs a decoder pass per token)")
-    p.add_argument("--K", type=int, default=8, help="mdc: Monte Carlo (t, mask) draws per caption score")
-    p.add_argument("--n_eval", type=int, default=1000, help="images for zero-shot and compositionality")
-    p.add_argument("--n_retrieval", type=int, default=100, help="image-caption pairs for retrieval")
-    p.add_argument("--seed", type=int, default=0, help="probe data, hold-out split, random init, Monte Carlo draws")
-    p.add_argument("--cache_dir", default=".cache/features")
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, choices=mdc.DTYPES,
-                   help="precision of feature extraction and scoring (default: each checkpoint's own --dtype; auto = bf16 "
-                        "autocast on CUDA, fp32 on a CPU)")
-    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="imagefolder/imagenet: DataLoader workers that decode the images (0 = in this process)")
-    p.add_argument("--json", default=None, help="write the results and each checkpoint's config here")
-    p.add_argument("--plot_vs", default=None, help="no probing: plot --metrics of the --from_json results against this "
-                                                   "config field (e.g. tie, or step) into --plot")
-    p.add_argument("--bands", action="store_true", help="--plot_vs: draw the 95%% intervals as shaded bands, not error bars")
-    p.add_argument("--from_json", action="append", default=[], help="a results file of an earlier --json, or a quoted pattern of them ('results/default/*.json'); repeatable")
-    p.add_argument("--metrics", default="ridge top1", help="--plot_vs, --summary: comma-separated metric names, e.g. 'ridge top1,signal shape word'")
-    p.add_argument("--summary", default=None, help="no probing: n, mean, sd and 95%% interval of --metrics over the seeds of the "
-                                                   "--from_json runs, per group of these comma-separated flags (e.g. objective,t_min)")
-    p.add_argument("--diff", action="append", default=[], help="--summary: FLAG:A,B, the paired-by-seed difference (FLAG=A) - "
-                                                               "(FLAG=B) instead; twice: the interaction (a difference of differences)")
-    p.add_argument("--pool", default="", help="--summary: comma-separated flags whose runs of one seed may be averaged "
-                                               "(without it, runs that differ in a flag the grouping does not name are an error)")
-    p.add_argument("--seed_of", default="seed", choices=["seed", "init_seed", "data_seed", "noise_seed"],
-                   help="--summary: the flag that numbers the replicates (one random stream alone; -1 reads as --seed)")
-    p.add_argument("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
-    p.add_argument("--export_timm", default=None, metavar="PATH", help="no probing: write the --ckpt's encoder as a file for "
-                   "timm (model_name, kwargs, state_dict, mean, std; README.md says how to load it)")
-    a = p.parse_args(argv)
-    a.classes = int(a.classes) if a.classes.isdigit() else a.classes
-    bad = [r for r in a.mdc_rules.split(",") if r not in MDC_RULES]
-    if bad:
-        p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(MDC_RULES)}")
-    for name, ok in (("K", a.K >= 1), ("n_eval", a.n_eval >= 1), ("n_retrieval", a.n_retrieval >= 2),
-                     ("batch_size", a.batch_size >= 1), ("num_workers", a.num_workers >= 0), ("per_class", a.per_class >= 0), ("pixel_size", a.pixel_size >= 1),
-                     ("img_size", a.img_size >= 0), ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
-        if not ok:
-            p.error(f"--{name}={getattr(a, name)} is out of range")
-    if missing := [c for c in a.ckpt if c != "pixels" and not re.fullmatch(r"random(:\d+)?", c) and not os.path.isfile(ckpt_spec(c)[0])]:
-        p.error(f"--ckpt={missing[0]}: no such file (a checkpoint path, ema:PATH, or random / random:SEED / pixels)")
-    # --from_json takes files or quoted patterns ('results/default/*.json'), expanded here in sorted order
-    a.from_json = [f for pat in a.from_json for f in (sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat])
-                   or p.error(f"--from_json={pat}: no file matches")]
-    a.diff = [(f, *ab.split(",", 1)) for f, _, ab in (d.partition(":") for d in a.diff)]
-    a.pool = [f for f in a.pool.split(",") if f]
-    if a.json and os.path.exists(a.json):
-        p.error(f"--json={a.json} exists: a result file is never overwritten; give the rerun its own name")
-    if any(len(d) != 3 for d in a.diff):
-        p.error("--diff expects FLAG:A,B, e.g. --diff=objective:mdc,ar")
-    if a.export_timm:
-        if len(a.ckpt) != 1 or a.ckpt[0] == "pixels" or a.ckpt[0].startswith("random"):
-            p.error("--export_timm=PATH needs exactly one --ckpt=CHECKPOINT (a file written by mdc.py)")
-        folder = os.path.dirname(os.path.abspath(a.export_timm))
-        if os.path.isdir(a.export_timm) or not os.path.isdir(folder):
-            p.error(f"--export_timm={a.export_timm}: not a file path in an existing folder")
-        return a
-    if a.summary is not None:
-        if not a.from_json:
-            p.error("--summary needs --from_json=FILE (one or more)")
-        if missing := [f for f in a.from_json if not os.path.isfile(f)]:
-            p.error(f"--from_json={missing[0]}: no such file")
-        return a
-    if a.plot_vs:
-        if not (a.from_json and a.plot):
-            p.error("--plot_vs needs --from_json=FILE (one or more) and --plot=FILE.png")
-        if missing := [f for f in a.from_json if not os.path.isfile(f)]:
-            p.error(f"--from_json={missing[0]}: no such file")
-        return a
-    if not a.bench and not a.ckpt:
-        p.error("give at least one --ckpt=PATH (or --ckpt=random / --ckpt=pixels)")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device={a.device}: no CUDA device is available here")
-    data.check_probe(a.dataset, a.data_root)
-    return a
-
-
-def main(argv):
-    args = parse(argv)
-    device = mdc.pick_device(args.device)
-    if args.bench:
-        return bench(device=device)
-    if args.export_timm:
-        return export_timm(args.ckpt[0], args.export_timm)
-    if args.summary is not None:
-        results = [load_json(f) for f in args.from_json]
-        tables = [summary_table(results, [f for f in args.summary.split(",") if f], m, args.diff, args.pool, args.seed_of)
-                  for m in args.metrics.split(",")]
-        print("\n\n".join(tables))
-        return tables
-    if args.plot_vs:
-        plot_vs([load_json(f) for f in args.from_json], args.plot_vs, args.metrics.split(","), args.plot, args.bands)
-        return print(f"wrote {args.plot}")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    command = "python " + " ".join([os.path.basename(sys.argv[0] or "probe.py")] + list(argv))
-    synthetic = args.dataset.startswith("shapes")
-    on = lambda flag, default: default if flag is None else flag
-    do_zs = on(args.zeroshot, True)
-    do_comp = on(args.compositional, synthetic or args.captions is not None)
-    do_ret = on(args.retrieval, synthetic or args.captions is not None)
-    do_sig = on(args.signal, synthetic or args.captions is not None)
-    captions = args.captions or "shapes"
-    encs = load_encoders(args.ckpt, args.model, args.img_size, args.seed, device)
-    for e in encs:  # --dtype: every encoder in this precision; by default each checkpoint's own (--dtype of mdc.py)
-        e["cfg"] = replace(e["cfg"], dtype=args.dtype or e["cfg"].dtype)
-    if not any(e["kind"] == "ckpt" and RULES[e["cfg"].objective] for e in encs):  # no encoder here scores captions
-        do_zs = do_comp = do_ret = do_sig = False
-    t_start = time.perf_counter()
-    datasets, caption_sets, results = {}, {}, {"command": command, "machine": machine(), "device": str(device),
-                                               "threads": torch.get_num_threads(), "commit": mdc.code_version(),
-                                               "args": vars(args), "encoders": []}
-    for e in encs:
-        t0 = time.perf_counter()
-        log = lambda s: print(f"{e['name']}: {s}")
-        xtr, ytr, _ = probe_features(e, "train", args, device, datasets)
-        xte, yte, te = probe_features(e, "test", args, device, datasets)
-        n_classes = int(max(ytr.max(), yte.max())) + 1
-        m = linear_probe(xtr, ytr, xte, yte, n_classes, args.fitter, device, log, args.sklearn_solver)
-        cfg = e["cfg"]
-        if e["kind"] == "ckpt" and not RULES[cfg.objective]:
-            log(f"{cfg.objective} has no text side: linear probe only (no zero-shot, compositionality, retrieval, signal)")
-        elif e["kind"] == "ckpt":
-            model, tok = e["model"], e["tok"]
-            rules = [r for r in args.mdc_rules.split(",") if r] if RULES[cfg.objective] == MDC_RULES else None
-            if do_zs and (zs := zeroshot(model, cfg, tok, te(), args.dataset, args.n_eval, args.K, args.seed, args.batch_size, rules)):
-                m["zero-shot"] = zs
-            if do_comp or do_ret or do_sig or args.logits:
-                tie = cfg.tie if args.caption_tie is None else args.caption_tie   # shapes: the model's own world by default
-                key = (captions, cfg.img_size, tie, cfg.order, cfg.alias)
-                if key not in caption_sets:
-                    caption_sets[key] = data.build_caption_data(captions, img_size=cfg.img_size, seed=args.seed,
-                                                                tie=tie, order=cfg.order, alias=cfg.alias)[1]
-                val, m["caption tie"] = caption_sets[key], tie
-                cap_synth = captions == "shapes"
-                if do_comp:
-                    imgs, caps = multi_object(val, args.n_eval) if cap_synth else val.batch(np.arange(args.n_eval), 0)
-                    m.update(compositional(model, cfg, tok, imgs, caps, cap_synth, args.K, args.seed, args.batch_size, rules))
-                if do_ret:
-                    imgs, caps = val.batch(np.arange(args.n_retrieval), 0)
-                    m.update(retrieval(model, cfg, tok, imgs, caps, args.K, args.seed, args.batch_size, rules))
-                if args.logits:
-                    imgs, caps = val.batch(np.arange(min(args.n_eval, 256)), 0)
-                    m.update(attention_logit_max(model, cfg, data.to_input(imgs, cfg.img_size).to(device),
-                                                 tok.batch(caps, cfg.max_len).to(device)))
-                if do_sig and cfg.objective in mdc.CAPTIONERS:
-                    m.update(caption_signal(model, cfg, tok, val, args.n_eval, args.K, args.seed, args.batch_size))
-        log(f"done in {time.perf_counter() - t0:.0f} s")
-        results["encoders"].append(dict(name=e["name"], kind=e["kind"], objective=cfg.objective if e["kind"] == "ckpt" else None,
-                                        step=e.get("step"), init_seed=e.get("init_seed"), config=asdict(cfg), metrics=m,
-                                        **({"weights": e["weights"], "training": e["made"]} if e["kind"] == "ckpt" else {})))
-    parts = [f"zero-shot on {args.n_eval} images"] if do_zs else []
-    parts += [f"compositionality on {args.n_eval} {captions} val captions"] if do_comp else []
-    parts += [f"retrieval on {args.n_retrieval} {captions} val pairs"] if do_ret else []
-    print(f"\n{command}\nmachine: {machine()}, device {device}\nprobe {args.dataset}: "
-          f"ridge / logreg = linear probe (top-1 %), L2 chosen on a 10% hold-out of train"
-          + "".join(f"; {p}" for p in parts) + f"; mdc scored by minus its training loss over K={args.K} draws\n")
-    print(format_table(results))
-    if args.fitter == "sklearn":
-        for e in results["encoders"]:
-            m = e["metrics"]
-            print(f"{e['name']}: L-BFGS probe {m['logreg seconds']:.1f} s (lam {m['logreg lambda']:.0e}, unconverged "
-                  f"{m['logreg unconverged'] or 'none'}) | scikit-learn {m['sklearn solver']} {m['sklearn seconds']:.1f} s (lam "
-                  f"{m['sklearn lambda']:.0e}, unconverged {m['sklearn unconverged'] or 'none'}); at the L-BFGS probe's lam "
-                  f"{100 * m['sklearn top1 at logreg lambda']:.1f}% in {m['sklearn seconds at logreg lambda']:.1f} s "
-                  f"({'converged' if m['sklearn converged at logreg lambda'] else 'NOT converged'}) | {torch.get_num_threads()} threads")
-    if do_sig:
-        print("signal early / middle / late: mean CE(mismatched image) - CE(true image) in nats over the "
-              "first, middle and last third of each caption, and at the shape / colour / size words; mdc at its "
-              "training t ~ U(t_min, 1)")
-    if args.plot:
-        plot_signal(results, args.plot)
-        print(f"wrote {args.plot}")
-    results["probe_seconds"] = time.perf_counter() - t_start
-    if args.json:
-        save_json(args.json, results)
-        print(f"\nwrote {args.json}")
-    return results
+def plot_vs(results, field, metrics, path, bands=False):
+    """One panel per metric against --field: a line per group of sweep_points (the mean over seeds,
+    with its 95% interval as error bars, or a shaded band with bands, where there are 2 seeds or more,
+    n beside each point), one colour per objective, the floors (averaged over their init seeds) as
+    dashed lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), dpi=110, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        varying, groups, floors = sweep_points(results, field, metric)
+        styles = {}                                                   # other flags than the objective: a line style each
+        for key, pts in sorted(groups.items(), key=str):
+            xs = sorted(pts)
+            stats = [mean_ci(pts[x]) for x in xs]                     # (n, mean, sd, half-width) per point
+            ys = np.array([m for _, m, _, _ in stats])
+            err = np.array([0 if h != h else h for _, _, _, h in stats])
+            obj = dict(zip(varying, key)).get("objective", results[0]["encoders"][0].get("objective"))
+            rest = tuple(v for k, v in zip(varying, key) if k != "objective")
+            ls = styles.setdefault(rest, ("-", "--", ":", "-.")[len(styles) % 4])
+            label = ", ".join(f"{k}={v}" for k, v in zip(varying, key)) or obj
+            if bands:
+                ax.plot(xs, ys, marker="o", ms=4, ls=ls, color=objective_colour(obj), label=label)
+                ax.fill_between(xs, ys - err, ys + err, color=objective_colour(obj), alpha=0.15, lw=0)
+            else:
+                ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, ls=ls, color=objective_colour(obj), label=label)
+            for x, y, (n, *_) in zip(xs, ys, stats):
+                ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
+        for (kind, v), ls in zip(sorted(floors.items()), ("--", ":")):
+            ax.axhline(v, color="k", ls=ls, lw=1, label=f"{kind} (floor)")
+        ax.set(xlabel=f"--{field}", ylabel=metric + ("" if metric in RAW else " (%)"), title=metric)
+        ax.legend(fontsize=7, title=", ".join(varying) or None, title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The tests, on a CPU in about a minute. Each compares against an independent computation,
-a known value (ln V) or a property (nothing leaks through a mask), never against a number the
-code itself printed. Sections: mdc.py (objectives, masks, learning, training loop), data.py
+"""The tests, on a CPU in a few minutes (90 to 170 s on two idle cores). Each compares against an
+independent computation, a known value (ln V) or a property (nothing leaks through a mask), never
+against a number the code itself printed. Sections: mdc.py (objectives, masks, learning, training loop), data.py
 (loaders on fixtures the tests write, bad input, the batch stream, the cache), probe.py
 (fitters, feature cache, caption scoring, corruptions, position signal)."""
 import csv
@@ -355,6 +355,51 @@ def params(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+def test_same_flags_seed_threads_and_code_give_the_same_weights_and_probe_to_the_digit(tmp_path, monkeypatch):
+    """A run is a function of its flags, seed, thread count and code: two short runs of the same train
+    bit for bit the same weights, and probe.py gives them the same numbers; the checkpoint and the result
+    file record how the run was made, and a result file is never overwritten."""
+    import functools
+    monkeypatch.setattr(data, "shapes_probe", functools.partial(data.shapes_probe, n_train=300, n_test=100))
+    res = []
+    for run in ("a", "b"):
+        run_train(tmp_path / run, "--steps=6", "--seed=3")
+        out = tmp_path / f"{run}.json"
+        probe.main([f"--ckpt={tmp_path / run / 'ckpt.pt'}", "--fitter=both", "--no-zeroshot", "--no-compositional",
+                    "--no-retrieval", "--no-signal", f"--cache_dir={tmp_path / 'cache'}", f"--json={out}"])
+        res.append(probe.load_json(str(out)))
+    a, b = params(tmp_path / "a" / "ckpt.pt"), params(tmp_path / "b" / "ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (r["encoders"][0]["metrics"] for r in res)
+    assert all(ma[k] == mb[k] for k in ("ridge top1", "ridge lambda", "logreg top1", "logreg lambda"))
+    made = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["provenance"]
+    assert made["threads"] == torch.get_num_threads() and made["processes"] == 1 and made["train_seconds"] > 0
+    assert res[0]["encoders"][0]["training"] == made and res[0]["threads"] == torch.get_num_threads() and res[0]["probe_seconds"] > 0
+    assert made["commit"] == res[0]["commit"] == mdc.code_version()           # '' outside a git checkout
+    with pytest.raises(data.UsageError, match="never overwritten"):
+        probe.parse(["--ckpt=random", f"--json={tmp_path / 'a.json'}"])
+
+
+def test_each_random_stream_has_its_own_seed(tmp_path):
+    """--init_seed, --data_seed and --noise_seed move one stream and leave the others at --seed; -1 is --seed.
+    (The data's word counts order the vocabulary, so --data_seed may also change which word gets which
+    initial embedding row, and len_hist, a count of the data, is part of the state.)"""
+    def streams(*flags):
+        cfg = tiny_cfg(*flags)
+        model, _, tok, train_set, _, _ = mdc.build(cfg, torch.device("cpu"))
+        batch = next(data.batches(train_set, 0, cfg.batch_size, mdc.stream_seed(cfg, "data")))
+        return model.state_dict(), batch[1], mdc.draw_noise(cfg, 4, 0).caption
+    base, minus, init, dat, noise = (streams("--seed=2", *f) for f in
+                                     ([], ["--init_seed=-1", "--data_seed=-1"], ["--init_seed=5"], ["--data_seed=5"], ["--noise_seed=5"]))
+    same_w = lambda a, b: all(torch.equal(a[0][k], b[0][k]) for k in a[0] if k != "len_hist")
+    assert same_w(base, minus) and base[1] == minus[1] and torch.equal(base[2], minus[2])
+    assert not same_w(base, init) and init[1] == base[1] and torch.equal(init[2], base[2])
+    assert same_w(base, dat) and dat[1] != base[1] and torch.equal(dat[2], base[2])
+    assert same_w(base, noise) and noise[1] == base[1] and not torch.equal(noise[2], base[2])
+    with pytest.raises(data.UsageError, match="--noise_seed"):
+        tiny_cfg("--noise_seed=-2")
+
+
 def test_train_calls_back_with_every_log_row_and_the_validation_loss(tmp_path):
     rows = []
     run_train(tmp_path, "--steps=4", "--log_every=1", "--eval_every=2", callback=rows.append)
@@ -380,23 +425,29 @@ def test_mfu_compares_against_the_peak_of_the_precision_the_run_uses():
     assert mdc.gpu_peak("NVIDIA L40S", "bf16")[0] == 362e12 and mdc.gpu_peak("NVIDIA L4", "bf16")[0] == 121e12
 
 
-def test_one_corruption_serves_training_scoring_and_the_signal(monkeypatch):
-    """mdc_loss, every MDC scoring rule and the signal measurement corrupt captions through
-    mdc.corrupt, so scoring cannot drift from what the model was trained on."""
+def test_one_description_of_the_decoder_input_serves_training_scoring_the_signal_and_sampling(monkeypatch):
+    """Every captioner's loss, every scoring rule, the signal measurement and both samplers build the
+    decoder's input through mdc.feed, so scoring cannot drift from what the model was trained on."""
     cfg = tiny_cfg()
     imgs, x, tok = tiny_batch(cfg, 4)
     model = mdc.Model(cfg, len(tok)).eval()
-    calls, real = [], mdc.corrupt
-    monkeypatch.setattr(mdc, "corrupt", lambda *a: calls.append(1) or real(*a))
+    ar = mdc.Model(tiny_cfg("--objective=ar"), len(tok)).eval()
+    calls, real = [], mdc.feed
+    monkeypatch.setattr(mdc, "feed", lambda *a, **k: calls.append(1) or real(*a, **k))
     counts = {}
     for name, fn in [("training", lambda: mdc.mdc_loss(model, imgs, x, mdc.draw_noise(cfg, 4, 0), cfg)),
+                     ("ar", lambda: mdc.ar_loss(ar, imgs, x, None, ar.cfg)),
+                     ("cappa", lambda: mdc.cappa_loss(model, imgs, x, mdc.draw_noise(cfg, 4, 0), cfg)),
                      *[(m, lambda m=m: mdc.caption_logprob(model, model.encoder(imgs), x, m, K=2)) for m in probe.MDC_RULES],
-                     ("signal", lambda: probe.signal_terms(model, cfg, imgs, x, K=2))]:
+                     ("exact", lambda: mdc.caption_logprob(ar, ar.encoder(imgs), x)),
+                     ("signal", lambda: probe.signal_terms(model, cfg, imgs, x, K=2)),
+                     ("sample", lambda: mdc.generate_mdc(model, imgs, 5)), ("sample ar", lambda: mdc.generate_ar(ar, imgs, 6))]:
         calls.clear()
         fn()
         counts[name] = len(calls)
-    assert counts["training"] == counts["all"] == 1 and counts["loss"] == counts["signal"] == 2, counts
-    assert counts["pll"] == int((x != PAD).any(0).sum())   # one per position any caption reaches
+    assert counts["training"] == counts["ar"] == counts["all"] == counts["exact"] == counts["sample"] == 1, counts
+    assert counts["loss"] == counts["signal"] == counts["cappa"] == 2 and counts["sample ar"] == 6, counts
+    assert counts["pll"] == 1 + int((x != PAD).any(0).sum())   # which positions are read, then one per position
 
 
 def test_imports_run_one_way_probe_mdc_data():
@@ -1052,7 +1103,7 @@ def test_extract_returns_features_without_an_autograd_graph():
     cfg = mdc.parse_args(["--img_size=16", "--width=32", "--enc_depth=1", "--heads=2"])
     enc = mdc.ViT(cfg)
     ds = torch.utils.data.TensorDataset(torch.rand(6, 3, 16, 16), torch.zeros(6))
-    x, _ = mdc.extract(enc.features, ds, cfg.img_size, torch.device("cpu"), batch_size=4)
+    x, _ = probe.extract(enc.features, ds, cfg.img_size, torch.device("cpu"), batch_size=4)
     assert x.shape == (6, cfg.width) and x.grad_fn is None and not x.requires_grad
 
 
@@ -1245,18 +1296,18 @@ def test_ar_alias_loss_false_leaves_the_aliases_out_of_the_mean(tmp_path):
     torch.manual_seed(0)
     model = mdc.Model(cfg, len(tok)).eval()
     noise = mdc.draw_noise(cfg, len(x), 0)
-    full, n_full = mdc.ar_loss(model, imgs, x, noise, cfg)
     alias_ids = torch.tensor([tok.stoi[w] for w in data.ALIAS_WORDS if w in tok.stoi])
-    model.scored[alias_ids] = False
+    model.alias_ids = alias_ids
+    full, n_full = mdc.ar_loss(model, imgs, x, noise, dataclasses.replace(cfg, alias_loss=True))
     ctrl, n_ctrl = mdc.ar_loss(model, imgs, x, noise, cfg)
     logits = model(imgs, mdc.shift_right(x), x != PAD, causal=True)             # (B, L, V)
     ce = -logits.log_softmax(-1).gather(-1, x[..., None])[..., 0]               # (B, L) independent of token_ce
     keep = (x != PAD) & ~torch.isin(x, alias_ids)
     assert int(n_full - n_ctrl) == int(torch.isin(x, alias_ids).sum()) > 0
     assert torch.allclose(ctrl, ce[keep].mean(), atol=1e-5) and torch.allclose(full, ce[x != PAD].mean(), atol=1e-5)
-    # and train() switches them off from the flag
-    m, tok2, _ = mdc.train(dataclasses.replace(cfg, steps=1, out_dir=str(tmp_path)))
-    assert {tok2.itos[i] for i in (~m.scored).nonzero()[:, 0].tolist()} == {w for w in data.ALIAS_WORDS if w in tok2.stoi}
+    # and build() gives the model the alias words' ids of its own vocabulary
+    m, _, tok2, *_ = mdc.build(cfg, torch.device("cpu"))
+    assert {tok2.itos[i] for i in m.alias_ids.tolist()} == {w for w in data.ALIAS_WORDS if w in tok2.stoi} != set()
 
 
 def test_flickr_pairs_split_and_quoted_comma(tmp_path):
@@ -2154,17 +2205,17 @@ def test_probe_reads_the_ema_weights_of_a_checkpoint(tmp_path):
 def test_quick_probe_uses_one_set_of_probe_scenes_for_every_seed_and_averages_the_floor(monkeypatch):
     import functools
     monkeypatch.setattr(data, "shapes_probe", functools.partial(data.shapes_probe, n_train=300, n_test=100))
-    seeds, inits, real_dataset, real_random = [], [], data.probe_dataset, mdc.random_encoder
+    seeds, inits, real_dataset, real_random = [], [], data.probe_dataset, probe.random_encoder
     monkeypatch.setattr(data, "probe_dataset", lambda spec, split, size, root, seed: seeds.append(seed) or real_dataset(spec, split, size, root, seed))
-    monkeypatch.setattr(mdc, "random_encoder", lambda cfg, s, dev: inits.append(s) or real_random(cfg, s, dev))
+    monkeypatch.setattr(probe, "random_encoder", lambda cfg, s, dev: inits.append(s) or real_random(cfg, s, dev))
     out = {}
     for seed in (3, 7):
         cfg = tiny_cfg(f"--seed={seed}", "--probe=shapes")
         torch.manual_seed(seed)
         out[seed] = probe.quick_probe(mdc.Model(cfg, 30).eval(), cfg)
-    assert set(seeds) == {probe.PROBE_SEED} and inits == 2 * list(probe.FLOOR_INITS)   # not the training seed
+    assert set(seeds) == {probe.QUICK_PROBE_SEED} and inits == 2 * list(probe.FLOOR_INITS)   # not the training seed
     assert out[3]["random init"] == out[7]["random init"] and out[3]["pixels"] == out[7]["pixels"]
-    tr, te = (real_dataset("shapes", s, cfg.img_size, "data", probe.PROBE_SEED) for s in ("train", "test"))
+    tr, te = (real_dataset("shapes", s, cfg.img_size, "data", probe.QUICK_PROBE_SEED) for s in ("train", "test"))
     each = []
     for s in probe.FLOOR_INITS:
         a, b = (probe.extract(real_random(cfg, s, torch.device("cpu")).features, ds, cfg.img_size, torch.device("cpu")) for ds in (tr, te))
