@@ -93,7 +93,9 @@ class Config:
     batch_size: int = 128       # global batch, split across DDP processes
     steps: int = 640            # optimisation steps (the cosine schedule ends here)
     lr: float = 3e-3            # peak learning rate (AdamW)
-    warmup: float = 0.05        # fraction of steps with linear warm-up, then cosine to 0
+    warmup: float = 0.05        # fraction of steps with linear warm-up, then the schedule
+    schedule: str = "cosine"    # cosine: decay to 0 after the warm-up | wsd: constant, then linear to 0 over --cooldown
+    cooldown: float = 0.2       # wsd: the fraction of the steps its linear cool-down takes
     weight_decay: float = 0.05  # AdamW decay, not on norms, biases and embeddings
     beta2: float = 0.95         # AdamW second-moment decay
     grad_clip: float = 1.0      # max gradient norm; 0 = no clipping (the norm is still logged)
@@ -882,10 +884,13 @@ def autocast(device, dtype="auto"):
 
 
 def lr_at(step, cfg):
-    """Linear warm-up, then cosine decay to zero."""
+    """Linear warm-up, then cosine decay to zero; or (wsd) constant, then linear to zero over the last
+    cooldown fraction of the steps (warm-up, stable, decay: MiniCPM, Hu et al. 2024)."""
     warm = max(1, int(cfg.warmup * cfg.steps))
     if step < warm:
         return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "wsd":
+        return cfg.lr * min(1.0, (cfg.steps - step) / max(1, int(cfg.cooldown * cfg.steps)))
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
 
 
@@ -1426,6 +1431,9 @@ def check_config(c):
         ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"),
         ("val_frac", 0 <= c.val_frac < 1, "in [0, 1)"),
         ("warmup", 0 <= c.warmup <= 1, "a fraction of the steps, in [0, 1]"),
+        ("schedule", c.schedule in ("cosine", "wsd"), "cosine or wsd"),
+        ("cooldown", 0 < c.cooldown <= 1 and (c.schedule != "wsd" or c.warmup + c.cooldown <= 1),
+         "a fraction of the steps, in (0, 1], that leaves room for --warmup"),
         ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"), ("ema", 0 <= c.ema < 1, "in [0, 1) (0 = no moving average)"),
         ("lr", c.lr > 0, "> 0"),
         ("batch_size", c.batch_size >= 1, ">= 1 (the global batch)"),

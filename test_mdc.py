@@ -400,6 +400,17 @@ def test_each_random_stream_has_its_own_seed(tmp_path):
         tiny_cfg("--noise_seed=-2")
 
 
+def test_wsd_schedule_is_constant_then_linear_to_zero_and_cosine_is_unchanged():
+    cfg = tiny_cfg("--steps=100", "--lr=1.0", "--warmup=0.1", "--schedule=wsd", "--cooldown=0.2")
+    lr = [mdc.lr_at(s, cfg) for s in range(100)]
+    assert lr[:10] == [(s + 1) / 10 for s in range(10)] and lr[10:80] == [1.0] * 70
+    assert lr[80:] == [(100 - s) / 20 for s in range(80, 100)]                    # 1, 0.95, ..., 0.05
+    cos = dataclasses.replace(cfg, schedule="cosine")
+    assert mdc.lr_at(55, cos) == 0.5 * (1 + math.cos(math.pi * 45 / 90))
+    with pytest.raises(data.UsageError, match="--cooldown"):
+        tiny_cfg("--schedule=wsd", "--warmup=0.5", "--cooldown=0.6")
+
+
 def test_train_calls_back_with_every_log_row_and_the_validation_loss(tmp_path):
     rows = []
     run_train(tmp_path, "--steps=4", "--log_every=1", "--eval_every=2", callback=rows.append)
