@@ -6,8 +6,8 @@ whose tokens were replaced by [MASK] with probability t, t ~ U(t_min, 1), and th
 the masked tokens is weighted by 1/t (Feng, Wei, Owens 2025, following MDLM and LLaDA). After
 training the decoder is dropped and the encoder is judged by a linear probe (probe.py).
 
-In that order below: Config, the building blocks, Model, the noise, `mdc_loss`, sampling and
-scoring; the baselines, on the same encoder and decoder (`ar`, `cappa`; `clip`, `siglip`, whose
+In that order below: Config, the building blocks, Model, the noise, `feed` (what a caption decoder
+is shown and asked, for every objective and caller), `mdc_loss`, sampling and scoring; the baselines, on the same encoder and decoder (`ar`, `cappa`; `clip`, `siglip`, whose
 decoder becomes a text encoder); fenced off, the masked-image relatives (`mae`, `umd`, `milan`,
 `rils`: the encoder sees some of the patches, a light decoder fills in the rest); the training
 loop; the command line.
