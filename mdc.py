@@ -68,12 +68,12 @@ class Config:
     max_len: int = 16           # caption tokens including [EOS]
     vocab_min_count: int = 1    # words seen fewer times become [UNK]
     # objective knobs
-    t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (why 0.5: lower loses the shape probe, 0.001 by 22.6 points on 3 seeds; 0.75 and 1 are level: RESULTS.md section 2, the t range)
+    t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (at 640 steps 0.001 probes 22.6 points lower on 3 seeds, slower learning, not after Holm; 0.75, 1 level: RESULTS.md §2.4)
     mdc_weight: str = "elbo"    # mdc: elbo = 1/t-weighted masked CE over real tokens; none = mean masked CE
     antithetic: bool = True     # mdc: stratified t across the batch, (u0 + i/B) mod 1 (MDLM-style), lowers loss variance
     # Off by default, a deviation: [PAD] is never masked nor a key, so mdc and cappa's parallel branch know the
     # length. big_vision's cappa.py masks and attends over all (its loss skips pads); LLaDA masks and predicts pads.
-    # With it on, mdc's shape probe stayed at the random-init floor on 3 seeds (RESULTS.md section 5); cappa level.
+    # With it on, mdc's shape probe stayed at the random-init floor on 3 seeds (RESULTS.md §5.2); cappa level.
     hide_length: bool = False   # mdc, cappa: mask and attend over every position to max_len, [PAD] too (mdc predicts it)
     tie: float = 0.0            # shapes: probability that an object's shape is the one its colour implies (a text prior)
     order: str = "color_first"  # shapes: color_first ("a small red circle") | shape_first ("a small circle in red")
