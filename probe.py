@@ -1353,7 +1353,7 @@ def same(value, text):
 def mixed_flags(flag_sets, named):
     """{flag: [values]} of the flags in which runs of one cell (one group, one seed) differ, leaving out the
     flags named in the grouping and those that do not change the weights (mdc.BOOKKEEPING)."""
-    skip = set(named) | set(mdc.BOOKKEEPING) | {"seed"}
+    skip = set(named) | set(mdc.BOOKKEEPING)
     keys = set().union(*flag_sets) - skip
     vals = {k: sorted({json.dumps(f.get(k)) for f in flag_sets}) for k in keys}
     return {k: [json.loads(v) for v in vs] for k, vs in vals.items() if len(vs) > 1}
@@ -1370,6 +1370,7 @@ def summarize(results, by, metric, diffs=(), pool=(), seed_of="seed", report=Non
     Returns {group tuple: (stats, {seed: value})}."""
     report = {} if report is None else report
     rows = run_rows(results, metric, seed_of)
+    # seed_of numbers the replicates; under a stream's seed, runs of one replicate must share --seed too
     named = set(by) | {d[0] for d in diffs} | set(pool) | {seed_of}
     key = lambda flags: tuple(flags.get(f, "-") for f in by if f not in [d[0] for d in diffs])
     cells = {}   # group -> seed -> cell (signs of the diffs; () without) -> [(flags, value, wall)]
@@ -1389,7 +1390,7 @@ def summarize(results, by, metric, diffs=(), pool=(), seed_of="seed", report=Non
                         f"--summary: runs of seed {seed} in group {k} differ in {', '.join(f'{f} {v}' for f, v in sorted(bad.items()))}: "
                         f"name the flags (--summary=...,{','.join(sorted(bad))}) to keep them apart, narrow --from_json, "
                         f"or --pool={','.join(sorted(bad))} to average them")
-                for f, vals in mixed_flags(flag_sets, set(by) | {d[0] for d in diffs} | {seed_of}).items():
+                for f, vals in mixed_flags(flag_sets, named - set(pool)).items():
                     report["pooled"].setdefault(f, set()).update(json.dumps(x) for x in vals)
                 ckpts = [f for f in flag_sets if f.get("objective") not in ("random", "pixels")]
                 report["reruns"] += len(ckpts) > 1 and not mixed_flags(ckpts, {seed_of})

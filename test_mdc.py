@@ -721,7 +721,7 @@ def test_presets_and_explicit_flags_and_help(capsys):
     with pytest.raises(SystemExit) as e:
         mdc.parse_args(["--help"])
     helptext = capsys.readouterr().out
-    assert e.value.code == 0 and all(f"--{f.name}=" in helptext for f in mdc.fields(mdc.Config))
+    assert e.value.code == 0 and all(f"--{f.name}=" in helptext for f in dataclasses.fields(mdc.Config))
     assert "--t_min=0.5" in helptext and "mask ratio" in helptext.split("--t_min=")[1].splitlines()[0]
 
 
@@ -2144,7 +2144,7 @@ def test_caption_signal_never_pairs_a_caption_with_its_own_image(models, monkeyp
 def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_path):
     run = lambda o, tie, seed, acc, sig: dict(name=f"{o}{tie}{seed}", kind="ckpt", objective=o, metrics={
         "ridge top1": acc, "signal shape word": sig, "zero-shot": {"loss": acc / 2}},
-        config={**mdc.asdict(tiny_cfg(f"--objective={o}")), "tie": tie, "seed": seed, "out_dir": f"runs/{o}{tie}{seed}"})
+        config={**dataclasses.asdict(tiny_cfg(f"--objective={o}")), "tie": tie, "seed": seed, "out_dir": f"runs/{o}{tie}{seed}"})
     a = {"encoders": [run("mdc", 0.0, 0, 0.6, 1.0), run("mdc", 0.0, 1, 0.7, 3.0), run("mdc", 0.9, 0, 0.5, 0.5),
                       dict(name="random", kind="random", metrics={"ridge top1": 0.3})]}
     b = {"encoders": [run("ar", 0.0, 0, 0.4, 2.0), run("ar", 0.9, 0, 0.2, 0.1)]}
@@ -2165,7 +2165,7 @@ def test_sweep_points_group_runs_by_the_flags_that_differ_and_average_seeds(tmp_
 def test_runs_that_differ_only_in_bookkeeping_are_one_line_and_ema_weights_another(tmp_path):
     """Flags that do not change the trained weights (mdc.BOOKKEEPING: checkpoint interval, --ema, ...)
     do not split a sweep; the probed weights (final or ema) do, in the figures and in --summary."""
-    base = mdc.asdict(tiny_cfg("--t_min=0.5"))
+    base = dataclasses.asdict(tiny_cfg("--t_min=0.5"))
     run = lambda seed, acc, weights="final", **cfg: dict(name=f"r{seed}{weights}", kind="ckpt", objective="mdc", step=640, weights=weights,
                                                          metrics={"ridge top1": acc}, config={**base, "seed": seed, **cfg})
     res = [{"encoders": [run(0, 0.6, ckpt_every=80), run(1, 0.7, ckpt_every=160, ema=0.99), run(0, 0.5, t_min=0.75),
@@ -2181,7 +2181,7 @@ def test_runs_that_differ_only_in_bookkeeping_are_one_line_and_ema_weights_anoth
 def test_a_split_probe_and_an_untied_signal_are_groups_of_their_own_not_averaged_with_the_plain_probe():
     """The probe call's --dataset and --caption_tie (a result's "args") are flags of its rows: the implied /
     not-implied split of one run pairs by seed, and a result without args reads as the plain shapes probe."""
-    cfg = mdc.asdict(tiny_cfg("--tie=0.9"))
+    cfg = dataclasses.asdict(tiny_cfg("--tie=0.9"))
     res = lambda seed, acc, **args: {"args": args, "encoders": [dict(name="r", kind="ckpt", objective="mdc", step=640,
                                                                  metrics={"ridge top1": acc}, config={**cfg, "seed": seed})]}
     results = [res(0, 0.6, dataset="shapes"), res(0, 0.9, dataset="shapes:shape/implied"), res(0, 0.5, dataset="shapes:shape/not_implied"),
@@ -2207,7 +2207,7 @@ def test_probe_reads_the_ema_weights_of_a_checkpoint(tmp_path):
     probe.main([f"--ckpt=ema:{path}", "--fitter=ridge", "--no-zeroshot", "--no-compositional", "--no-retrieval", "--no-signal",
                 f"--cache_dir={tmp_path}/cache", f"--json={out}"])
     e = probe.load_json(str(out))["encoders"][0]
-    assert e["weights"] == "ema" and probe.run_flags(e, mdc.asdict(mdc.Config()))["weights"] == "ema"
+    assert e["weights"] == "ema" and probe.run_flags(e, dataclasses.asdict(mdc.Config()))["weights"] == "ema"
     probe.main([f"--ckpt=ema:{path}", f"--export_timm={tmp_path / 'vit.pt'}"])     # the averaged encoder, for timm
     got = torch.load(tmp_path / "vit.pt", weights_only=True)["state_dict"]["patch_embed.proj.weight"]
     assert torch.equal(got, probe.timm_export(ema["encoder"], ema["cfg"])["state_dict"]["patch_embed.proj.weight"])
@@ -2243,7 +2243,7 @@ def test_t_quantiles_match_the_known_values():
 def made_up_results():
     """mdc and ar at alias 0 and 2, seeds 0-2 (ar at alias 2 also seed 3), two random floors: accuracies as fractions."""
     acc = {("mdc", 0): [60, 70, 80], ("ar", 0): [50, 72, 74], ("mdc", 2): [70, 75, 90], ("ar", 2): [52, 70, 80, 99]}
-    base = mdc.asdict(tiny_cfg())
+    base = dataclasses.asdict(tiny_cfg())
     encs = [dict(name=f"{o}{a}{s}", kind="ckpt", objective=o, config={**base, "objective": o, "alias": a, "seed": s},
                  metrics={"ridge top1": v / 100, "zero-shot": {probe.RULES[o][0]: v / 200}, "signal shape word": v / 10})
             for (o, a), vs in acc.items() for s, v in enumerate(vs)]
@@ -2405,13 +2405,15 @@ def test_summary_gives_seeds_and_two_core_minutes_to_settle_a_difference_by_hand
 def test_summary_numbers_replicates_by_one_random_stream_and_counts_reruns():
     """--seed_of=init_seed: runs that share --seed and vary --init_seed alone are replicates of one group
     (-1 reads as --seed); without it they are one seed that differs in init_seed: an error."""
-    base = mdc.asdict(tiny_cfg())
+    base = dataclasses.asdict(tiny_cfg())
     run = lambda acc, **cfg: dict(name="r", kind="ckpt", objective="mdc", metrics={"ridge top1": acc}, config={**base, **cfg})
     res = [{"encoders": [run(0.6), run(0.7, init_seed=1), run(0.8, init_seed=2), run(0.5, data_seed=1)]}]
     with pytest.raises(data.UsageError, match="init_seed"):
         probe.summarize(res, ["objective"], "ridge top1")
     by = probe.summarize(res, ["data_seed"], "ridge top1", seed_of="init_seed")
     assert by[(-1,)][1] == {0: 60.0, 1: 70.0, 2: 80.0} and by[(1,)][1] == {0: 50.0}
+    with pytest.raises(data.UsageError, match="differ in seed"):              # replicate 0 twice, from two --seed
+        probe.summarize(res + [{"encoders": [run(0.9, seed=5, init_seed=0)]}], ["data_seed"], "ridge top1", seed_of="init_seed")
     report = {}
     twice = probe.summarize([{"encoders": [run(0.6), run(0.8)]}], ["objective"], "ridge top1", report=report)
     assert twice[("mdc",)][1] == {0: 70.0} and report["reruns"] == 1
