@@ -14,7 +14,7 @@ random initialisation) and `pixels` (raw pixels) are the floors every table shou
   DataLoader workers and only the features are kept; at 224 px and above each image goes through the
   standard evaluation transform, short side resized to 256 and a centre crop of 224; smaller sizes
   take the whole short side): closed-form ridge regression (big_vision's fast few-shot probe,
-  `ridge_probe`, which `python mdc.py` also runs, by `quick_probe`) and L2-regularised multinomial
+  `mdc.ridge_probe`, which `python mdc.py` also runs, by `mdc.quick_probe`) and L2-regularised multinomial
   logistic regression fitted by L-BFGS, strength chosen on a stratified 10% hold-out and refitted
   on all of the training set (CLIP's protocol).
 - Zero-shot classification, ARO-style compositionality and image-text retrieval, all by
@@ -29,7 +29,8 @@ random initialisation) and `pixels` (raw pixels) are the floors every table shou
   paired intervals over seeds, the seeds and minutes a contrast needs, and the figures.
 
 Speed: `python probe.py --bench` times the L-BFGS sweep on 50,000 x 384 features, 100 classes.
-Imports run one way: probe -> mdc -> data; `python mdc.py` imports probe only for its end-of-run check.
+Imports run one way: probe -> mdc -> data (the ridge probe and feature extraction live in mdc.py, whose
+end-of-run check runs them).
 """
 import argparse
 import glob
@@ -49,27 +50,11 @@ import torch.nn.functional as F
 import data
 import mdc
 from data import PAD
-from tqdm import tqdm
+from mdc import (  # the ridge probe and feature extraction, which python mdc.py runs at the end of training
+    random_encoder, extract, standardize, stratified_holdout, topk, accuracies, RIDGE_GRID, ridge_probe)
 
 # -----------------------------------------------------------------------------
 # Features: a frozen encoder -> (N, D), extracted once, cached on disk
-
-
-@torch.no_grad()
-def extract(featurize, ds, size, device, batch_size=256, desc="features", num_workers=0, dtype="auto"):
-    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset batch by batch
-    (data.probe_batches: an ImageFolder is decoded by num_workers DataLoader workers as it goes, never
-    all at once), under autocast(device, dtype), with a progress bar. Returns (features float32
-    (N, D) on the CPU, labels int64 (N,))."""
-    out, labels = [], []
-    bar = tqdm(total=len(ds), desc=desc, leave=False, disable=len(ds) < 4 * batch_size or None)
-    for imgs, y in data.probe_batches(ds, batch_size, num_workers):
-        with mdc.autocast(device, dtype):
-            out.append(featurize(data.to_input(imgs.to(device), size)).float().cpu())
-        labels.append(y)
-        bar.update(len(y))
-    bar.close()
-    return torch.cat(out), torch.cat(labels).long()
 
 
 def cache_key(**parts):
@@ -96,76 +81,6 @@ def cached_features(key, compute, cache_dir):
 # Linear probes on fixed features: closed-form ridge, and L-BFGS logistic regression.
 # Regularisation strengths are per sample: ridge minimises mean ||XW - Y||^2 + lam ||W||^2,
 # logistic regression mean CE + lam ||W||^2 (sklearn's C = 1 / (2 N lam)); biases are free.
-
-
-def standardize(xtr, *others):
-    """Zero mean, unit variance with the training set's statistics (fitted on train only)."""
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    return [(x - mu) / sd for x in (xtr, *others)]
-
-
-def stratified_holdout(y, frac=0.1, seed=0):
-    """Indices (fit, hold-out) with frac of every class held out (at least one per class)."""
-    g = torch.Generator().manual_seed(seed)
-    fit, hold = [], []
-    for c in y.unique():
-        idx = (y == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n = max(1, round(frac * len(idx))) if len(idx) > 1 else 0
-        hold.append(idx[:n])
-        fit.append(idx[n:])
-    return torch.cat(fit).sort().values, torch.cat(hold).sort().values
-
-
-def topk(logits, y, k=1):
-    """Fraction of rows whose label is among the k highest logits."""
-    k = min(k, logits.shape[1])
-    return (logits.topk(k, 1).indices == y[:, None].to(logits.device)).any(1).float().mean().item()
-
-
-def accuracies(prefix, logits, y, n_classes):
-    out = {f"{prefix} top1": topk(logits, y, 1)}
-    if n_classes >= 20:  # top-5 means little with few classes
-        out[f"{prefix} top5"] = topk(logits, y, 5)
-    return out
-
-
-RIDGE_GRID = [10.0 ** e for e in np.arange(-7, 4.01, 0.5)]
-
-
-def ridge_fit(x, y, n_classes):
-    """Closed-form ridge on standardised x (N, D): W(lam) = (X^T X + N lam I)^-1 X^T (Y - mean Y) by
-    one Cholesky factorisation per lam (for wide features such as raw pixels far faster than one
-    eigendecomposition for every lam). Returns solve(lam) -> (W (D, C), bias (C,)), in float64."""
-    x = x.double()
-    Y = F.one_hot(y, n_classes).double()
-    ybar = Y.mean(0)                                        # the free bias: x is centred
-    G, XtY = x.T @ x, x.T @ (Y - ybar)                      # (D, D), (D, C)
-    eye = torch.eye(len(G), dtype=G.dtype)
-
-    def solve(lam):
-        L, info = torch.linalg.cholesky_ex(G + len(x) * lam * eye)
-        if info:  # not positive definite in floating point (lam far below the smallest eigenvalue)
-            return torch.full_like(XtY, float("nan")), ybar
-        return torch.cholesky_solve(XtY, L), ybar
-    return solve
-
-
-def ridge_probe(xtr, ytr, xte, yte, n_classes, grid=RIDGE_GRID, seed=0, log=print):
-    """Linear probe by ridge regression onto one-hot labels, mean ||XW - Y||^2 + lam ||W||^2 on
-    standardised features (big_vision's few-shot probe): lam picked on a stratified 10% hold-out,
-    refit on all, test once. A lam whose system could not be factorised scores as no lam."""
-    xtr, xte = standardize(xtr, xte)
-    fit, hold = stratified_holdout(ytr, 0.1, seed)
-    solve = ridge_fit(xtr[fit], ytr[fit], n_classes)
-    xh = xtr[hold].double()
-    accs = [topk(xh @ W + b, ytr[hold]) if W.isfinite().all() else -1.0 for W, b in map(solve, grid)]
-    best = max(range(len(grid)), key=lambda i: (accs[i], i))  # ties -> the stronger regularisation
-    lam = grid[best]
-    if best in (0, len(grid) - 1):
-        log(f"ridge: best lam {lam:.0e} is on the edge of the grid {grid[0]:.0e}..{grid[-1]:.0e}")
-    W, b = ridge_fit(xtr, ytr, n_classes)(lam)
-    return {**accuracies("ridge", xte.double() @ W + b, yte, n_classes), "ridge lambda": float(lam)}
 
 
 def logreg_fit(x, xt, y, lam, P, max_iter=500, tol=1e-5):
@@ -377,53 +292,6 @@ def linear_probe(xtr, ytr, xte, yte, n_classes, fitter="both", device="cpu", log
         out.update(logreg_probe(xtr, ytr, xte, yte, n_classes, device=device, log=log))
     if fitter == "sklearn":
         out.update(sklearn_probe(xtr, ytr, xte, yte, n_classes, solver=sklearn_solver, at_lam=out["logreg lambda"]))
-    return out
-
-
-# -----------------------------------------------------------------------------
-# The end-of-run check of python mdc.py: the ridge probe of the trained encoder against its floors
-
-
-def random_encoder(cfg, seed, device):
-    """The floor: the same ViT at its (seeded) random initialisation, in eval mode."""
-    torch.manual_seed(seed)
-    enc = mdc.ViT(cfg)
-    enc.apply(mdc.Model._init)
-    return enc.to(device).eval()
-
-
-def ridge_accuracy(featurize, train, test, n_classes, img_size, device, batch_size=256, num_workers=0, dtype="auto"):
-    """Ridge-probe top-1 (a fraction) of featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) on a
-    labelled (train, test) pair of datasets."""
-    a, b = (extract(featurize, ds, img_size, device, batch_size, num_workers=num_workers, dtype=dtype) for ds in (train, test))
-    return ridge_probe(*a, *b, n_classes, log=lambda s: None)["ridge top1"]
-
-
-QUICK_PROBE_SEED = 0      # quick_probe's scenes and hold-out: the same for every training seed (as probe.py --seed=0)
-
-
-FLOOR_INITS = (0, 1, 2)   # the random-init floor moves by points with the init seed: the mean over these
-
-
-def quick_probe(model, cfg):
-    """Ridge probe on cfg.probe of the trained encoder, the same ViT at random initialisation
-    (the mean over FLOOR_INITS) and raw pixels, printed on one line; the closed-form fitter keeps
-    it to seconds. The probe scenes do not depend on the training seed, so seeds differ only in
-    training. Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
-    t0 = time.perf_counter()
-    device = next(model.parameters()).device
-    tr, te = (data.probe_dataset(cfg.probe, s, cfg.img_size, cfg.data_root, QUICK_PROBE_SEED) for s in ("train", "test"))
-    flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
-    encoders = [("trained", model.encoder.features), *(("random init", random_encoder(cfg, s, device).features) for s in FLOOR_INITS),
-                ("pixels", flat)]
-    accs = {}
-    for name, fn in encoders:
-        accs.setdefault(name, []).append(ridge_accuracy(fn, tr, te, tr.n_classes, cfg.img_size, device,
-                                                             num_workers=cfg.num_workers, dtype=cfg.dtype))
-    out = {k: float(np.mean(v)) for k, v in accs.items()}
-    print(f"linear probe on {tr.name} ({len(tr)} train / {len(te)} test images; closed-form ridge, "
-          f"L2 chosen on a 10% hold-out; random init: the mean of {len(FLOOR_INITS)} inits; "
-          f"{time.perf_counter() - t0:.0f} s; probe.py has more): " + " | ".join(f"{k} {100 * v:.1f}%" for k, v in out.items()))
     return out
 
 

@@ -680,9 +680,9 @@ def test_bf16_autocast_trains_on_a_cpu_close_to_fp32(objective):
 @needs_cpu_bf16
 def test_bf16_feature_extraction_on_a_cpu_is_close_to_fp32():
     cfg = tiny_cfg("--dtype=bf16")
-    enc = probe.random_encoder(cfg, 0, torch.device("cpu"))
+    enc = mdc.random_encoder(cfg, 0, torch.device("cpu"))
     ds = torch.utils.data.TensorDataset(data.Shapes(0, cfg.img_size).batch(np.arange(64))[0], torch.arange(64) % 4)
-    (a, ya), (b, yb) = (probe.extract(enc.features, ds, cfg.img_size, torch.device("cpu"), 16, dtype=d) for d in ("fp32", cfg.dtype))
+    (a, ya), (b, yb) = (mdc.extract(enc.features, ds, cfg.img_size, torch.device("cpu"), 16, dtype=d) for d in ("fp32", cfg.dtype))
     assert b.dtype == torch.float32 and torch.equal(ya, yb) and not torch.equal(a, b)
     # features after a LayerNorm and a mean: each row within a few bf16 roundings of fp32's
     assert ((a - b).norm(dim=1) / a.norm(dim=1)).max() < 0.02
@@ -1114,7 +1114,7 @@ def test_extract_returns_features_without_an_autograd_graph():
     cfg = mdc.parse_args(["--img_size=16", "--width=32", "--enc_depth=1", "--heads=2"])
     enc = mdc.ViT(cfg)
     ds = torch.utils.data.TensorDataset(torch.rand(6, 3, 16, 16), torch.zeros(6))
-    x, _ = probe.extract(enc.features, ds, cfg.img_size, torch.device("cpu"), batch_size=4)
+    x, _ = mdc.extract(enc.features, ds, cfg.img_size, torch.device("cpu"), batch_size=4)
     assert x.shape == (6, cfg.width) and x.grad_fn is None and not x.requires_grad
 
 
@@ -1126,7 +1126,7 @@ def test_umd_probe_feature_is_the_mean_of_the_clean_unmasked_patch_tokens(tmp_pa
     path = str(tmp_path / "umd.pt")
     mdc.save_checkpoint(path, model, None, cfg, tok, 0)
     enc = probe.load_encoders([path])[0]["encoder"].eval()
-    feats = probe.extract(enc.features, torch.utils.data.TensorDataset(imgs, torch.zeros(4)), cfg.img_size, torch.device("cpu"))[0]
+    feats = mdc.extract(enc.features, torch.utils.data.TensorDataset(imgs, torch.zeros(4)), cfg.img_size, torch.device("cpu"))[0]
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     h = F.conv2d((imgs - mean) / std, enc.patch.weight, enc.patch.bias, stride=cfg.patch_size)  # (B, D, 4, 4)
@@ -1583,10 +1583,10 @@ def test_a_streamed_imagefolder_gives_the_features_of_the_images_decoded_in_memo
     ds = data.probe_dataset(f"imagefolder:{tmp_path}", "train", img_size=size)
     assert isinstance(ds, data.FolderImages) and len(ds) == len(files) + 1           # nothing decoded yet
     cfg = mdc.parse_args([f"--img_size={size}", f"--patch_size={min(size, 32) // 2}", "--width=32", "--enc_depth=1", "--heads=2"])
-    enc = probe.random_encoder(cfg, 0, torch.device("cpu"))
-    x, y = probe.extract(enc.features, ds, size, torch.device("cpu"), batch_size=5, num_workers=2)
+    enc = mdc.random_encoder(cfg, 0, torch.device("cpu"))
+    x, y = mdc.extract(enc.features, ds, size, torch.device("cpu"), batch_size=5, num_workers=2)
     assert "skipped 1 of 25 images: could not decode" in capsys.readouterr().err
-    ref, yref = probe.extract(enc.features, data.ImageLabels(old, labels, 3, "old"), size, torch.device("cpu"), batch_size=64)
+    ref, yref = mdc.extract(enc.features, data.ImageLabels(old, labels, 3, "old"), size, torch.device("cpu"), batch_size=64)
     assert torch.equal(y, labels) and torch.equal(yref, labels)                      # same order, corrupt file's label gone
     assert torch.allclose(x, ref, atol=1e-5), (x - ref).abs().max()
     imgs, _ = data.dataset_tensors(ds, torch.arange(10))                             # the pixels themselves, first 10 files
@@ -1698,9 +1698,9 @@ def test_ridge_solves_the_regularised_least_squares_problem():
     """Against an independent solution: least squares on X stacked over sqrt(N lam) I, for every lam
     of the grid that a wide, rank-deficient X (more features than samples, as raw pixels can be) allows."""
     x, y = blobs(60, 80, 4, sep=1.0, seed=5)
-    x = probe.standardize(x)[0].double()
+    x = mdc.standardize(x)[0].double()
     Y = F.one_hot(y, 4).double() - F.one_hot(y, 4).double().mean(0)
-    solve = probe.ridge_fit(x, y, 4)
+    solve = mdc.ridge_fit(x, y, 4)
     for lam in (1e-3, 1e-1, 10.0):
         W, _ = solve(lam)
         A = torch.cat([x, (len(x) * lam) ** 0.5 * torch.eye(80, dtype=torch.double)])      # (N + D, D)
@@ -1711,7 +1711,7 @@ def test_ridge_solves_the_regularised_least_squares_problem():
 def test_ridge_and_lbfgs_agree_on_an_easy_problem():
     x, y = blobs(3000, 16, 5, sep=0.8)
     xtr, ytr, xte, yte = split(x, y, 2000)
-    r = probe.ridge_probe(xtr, ytr, xte, yte, 5, **quiet)
+    r = mdc.ridge_probe(xtr, ytr, xte, yte, 5, **quiet)
     l = probe.logreg_probe(xtr, ytr, xte, yte, 5, **quiet)
     assert 0.6 < r["ridge top1"] < 0.99            # not trivially separable
     assert abs(r["ridge top1"] - l["logreg top1"]) < 0.03
@@ -1721,7 +1721,7 @@ def test_lbfgs_reaches_the_optimum_of_an_independent_float64_fit():
     """Same features, same lam: L-BFGS (float32, hand-written gradient) vs plain gradient descent
     in float64 with autograd, many steps, on mean CE + lam ||W||^2 (bias unpenalised)."""
     x, y = blobs(400, 10, 3, sep=0.7, seed=3)
-    x = probe.standardize(x)[0]
+    x = mdc.standardize(x)[0]
     lam = 3e-3
     P, _ = probe.logreg_fit(probe.with_bias(x), probe.with_bias(x).T.contiguous(), y, lam,
                             torch.zeros(3, 11), max_iter=500, tol=1e-9)
@@ -1764,7 +1764,7 @@ def test_lbfgs_converges_at_weak_regularisation_on_ill_conditioned_features():
     A = U @ torch.diag(torch.logspace(-3, 1, d, dtype=torch.double)) @ V.T   # singular values 1e-3..1e1
     x = (z.double() @ A + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.double)).float()
     xtr, ytr, xte, yte = split(x, y, 1000)
-    xtr, xte = probe.standardize(xtr, xte)
+    xtr, xte = mdc.standardize(xtr, xte)
     xd = xtr.double()
     assert torch.linalg.cond(xd.T @ xd) > 1e6                 # ill-conditioned after standardising
 
@@ -1881,7 +1881,7 @@ def test_feature_cache_hit_returns_identical_features(tmp_path):
 
     def compute():
         calls.append(1)
-        return probe.extract(enc.features, ds, 16, torch.device("cpu"), batch_size=16)
+        return mdc.extract(enc.features, ds, 16, torch.device("cpu"), batch_size=16)
 
     key = probe.cache_key(encoder={"random": 1}, spec="shapes", split="train", img_size=16)
     x1, y1 = probe.cached_features(key, compute, str(tmp_path))
@@ -1912,7 +1912,7 @@ def test_the_timm_export_gives_the_encoders_features(preset, extra, scale):
     0.1 if the export did not account for it (at full scale by about 2e-5, under the 1e-4 asked for)."""
     pytest.importorskip("timm")
     cfg = mdc.parse_args([f"--model={preset}", *extra])
-    enc = probe.random_encoder(cfg, 0, torch.device("cpu"))
+    enc = mdc.random_encoder(cfg, 0, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in enc.parameters():
@@ -2216,21 +2216,21 @@ def test_probe_reads_the_ema_weights_of_a_checkpoint(tmp_path):
 def test_quick_probe_uses_one_set_of_probe_scenes_for_every_seed_and_averages_the_floor(monkeypatch):
     import functools
     monkeypatch.setattr(data, "shapes_probe", functools.partial(data.shapes_probe, n_train=300, n_test=100))
-    seeds, inits, real_dataset, real_random = [], [], data.probe_dataset, probe.random_encoder
+    seeds, inits, real_dataset, real_random = [], [], data.probe_dataset, mdc.random_encoder
     monkeypatch.setattr(data, "probe_dataset", lambda spec, split, size, root, seed: seeds.append(seed) or real_dataset(spec, split, size, root, seed))
-    monkeypatch.setattr(probe, "random_encoder", lambda cfg, s, dev: inits.append(s) or real_random(cfg, s, dev))
+    monkeypatch.setattr(mdc, "random_encoder", lambda cfg, s, dev: inits.append(s) or real_random(cfg, s, dev))
     out = {}
     for seed in (3, 7):
         cfg = tiny_cfg(f"--seed={seed}", "--probe=shapes")
         torch.manual_seed(seed)
-        out[seed] = probe.quick_probe(mdc.Model(cfg, 30).eval(), cfg)
-    assert set(seeds) == {probe.QUICK_PROBE_SEED} and inits == 2 * list(probe.FLOOR_INITS)   # not the training seed
+        out[seed] = mdc.quick_probe(mdc.Model(cfg, 30).eval(), cfg)
+    assert set(seeds) == {mdc.QUICK_PROBE_SEED} and inits == 2 * list(mdc.FLOOR_INITS)   # not the training seed
     assert out[3]["random init"] == out[7]["random init"] and out[3]["pixels"] == out[7]["pixels"]
-    tr, te = (real_dataset("shapes", s, cfg.img_size, "data", probe.QUICK_PROBE_SEED) for s in ("train", "test"))
+    tr, te = (real_dataset("shapes", s, cfg.img_size, "data", mdc.QUICK_PROBE_SEED) for s in ("train", "test"))
     each = []
-    for s in probe.FLOOR_INITS:
-        a, b = (probe.extract(real_random(cfg, s, torch.device("cpu")).features, ds, cfg.img_size, torch.device("cpu")) for ds in (tr, te))
-        each.append(probe.ridge_probe(*a, *b, tr.n_classes, log=lambda _: None)["ridge top1"])
+    for s in mdc.FLOOR_INITS:
+        a, b = (mdc.extract(real_random(cfg, s, torch.device("cpu")).features, ds, cfg.img_size, torch.device("cpu")) for ds in (tr, te))
+        each.append(mdc.ridge_probe(*a, *b, tr.n_classes, log=lambda _: None)["ridge top1"])
     assert abs(out[3]["random init"] - sum(each) / len(each)) < 1e-9
 
 
