@@ -1027,7 +1027,7 @@ def train(cfg, callback=None):
     if cfg.bench:
         return bench(cfg, train_model, opt, tok, stream, rank, world)
 
-    log = RunLog(cfg, ckpt, world, device, master)
+    log = RunLog(cfg, ckpt, ckpt_path, world, device, master)
     end = min(cfg.steps, start + cfg.stop_after) if cfg.stop_after else cfg.steps
     bar = tqdm(initial=start, total=cfg.steps, disable=None if master else True, dynamic_ncols=True)
     for step in range(start, end):
@@ -1053,9 +1053,10 @@ def train(cfg, callback=None):
         if callback:
             callback(row)
         if done % cfg.ckpt_every == 0 or done == end:
-            save_checkpoint(ckpt_path, model, opt, cfg, tok, done, ema, log.provenance())
+            made = log.provenance()
+            save_checkpoint(ckpt_path, model, opt, cfg, tok, done, ema, made)
             if cfg.keep_ckpts:  # the model alone: enough to probe, a fifth of the size
-                save_checkpoint(os.path.join(cfg.out_dir, f"step{done}.pt"), model, None, cfg, tok, done, ema, log.provenance())
+                save_checkpoint(os.path.join(cfg.out_dir, f"step{done}.pt"), model, None, cfg, tok, done, ema, made)
     bar.close()
     if world > 1:
         check_ranks_in_sync(model, master)
@@ -1072,8 +1073,8 @@ class RunLog:
     out_dir/log.csv (appended to on resume), and how the run was made (provenance, saved in every
     checkpoint and copied by probe.py into its result files)."""
 
-    def __init__(self, cfg, ckpt, world, device, master):
-        self.cfg, self.path = cfg, os.path.join(cfg.out_dir, "log.csv")
+    def __init__(self, cfg, ckpt, ckpt_path, world, device, master):
+        self.cfg, self.path, self.ckpt_path = cfg, os.path.join(cfg.out_dir, "log.csv"), ckpt_path
         self.losses, self.norms, self.t0, self.seen = [], [], time.time(), 0
         self.spent = (ckpt.get("provenance") or {}).get("train_seconds", 0.0) if ckpt else 0.0   # before a resume
         self.made = dict(threads=torch.get_num_threads(), processes=world, device=str(device), commit=code_version(),
@@ -1094,8 +1095,7 @@ class RunLog:
         self.losses, self.norms = [], []
         if not torch.isfinite(vals).all():
             first_bad = done - len(vals) + 1 + int((~torch.isfinite(vals)).nonzero()[0])  # counted from 1
-            ckpt = os.path.join(self.cfg.out_dir, "ckpt.pt")
-            last = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was written"
+            last = f"the last good checkpoint is {self.ckpt_path}" if os.path.exists(self.ckpt_path) else "no checkpoint was written"
             raise SystemExit(f"non-finite loss at step {first_bad}; stopping, {last} (lower --lr, or try --qk_norm / --z_loss)")
         return dict(step=done, loss=vals.mean().item(), grad_norm_median=g.median().item(), grad_norm_max=g.max().item(),
                     lr=lr_at(step, self.cfg), img_s=self.seen / (time.time() - self.t0))
