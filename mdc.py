@@ -6,11 +6,11 @@ whose tokens were replaced by [MASK] with probability t, t ~ U(t_min, 1), and th
 the masked tokens is weighted by 1/t (Feng, Wei, Owens 2025, following MDLM and LLaDA). After
 training the decoder is dropped and the encoder is judged by a linear probe (probe.py).
 
-In that order below: Config, the building blocks, Model, the noise, `feed` (what a caption decoder
-is shown and asked, for every objective and caller), `mdc_loss`, sampling and scoring; the baselines, on the same encoder and decoder (`ar`, `cappa`; `clip`, `siglip`, whose
-decoder becomes a text encoder); fenced off, the masked-image relatives (`mae`, `umd`, `milan`,
-`rils`: the encoder sees some of the patches, a light decoder fills in the rest); the training
-loop; the command line.
+In that order below: Config, the building blocks, Model, the noise, `feed` (what a caption decoder is shown
+and asked, for every objective and caller), `mdc_loss`, sampling and scoring; the baselines on the same encoder
+and decoder (`ar`, `cappa`; `clip`, `siglip`, whose decoder becomes a text encoder); fenced off, the
+masked-image relatives (`mae`, `umd`, `milan`, `rils`: the encoder sees some of the patches, a light decoder
+fills in the rest); the training loop, checkpoints, DDP, the benchmark, the end-of-run probe, the command line.
 
     python mdc.py                       # MDC on the built-in synthetic data, CPU, minutes
     python mdc.py --objective=ar        # the same with autoregressive captioning
@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -41,9 +42,9 @@ from data import BOS, MASK, PAD
 
 UsageError = data.UsageError  # a mistake at the command line: one line, exit status 2 (data.command_line)
 
+
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag, --key=value
-
 
 @dataclass
 class Config:
@@ -71,9 +72,9 @@ class Config:
     t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (at 640 steps 0.001 probes 22.6 points lower on 3 seeds, slower learning, not after Holm; 0.75, 1 level: RESULTS.md §2.4)
     mdc_weight: str = "elbo"    # mdc: elbo = 1/t-weighted masked CE over real tokens; none = mean masked CE
     antithetic: bool = True     # mdc: stratified t across the batch, (u0 + i/B) mod 1 (MDLM-style), lowers loss variance
-    # Off by default, a deviation: [PAD] is never masked nor a key, so mdc and cappa's parallel branch know the
-    # length. big_vision's cappa.py masks and attends over all (its loss skips pads); LLaDA masks and predicts pads.
-    # With it on, mdc's shape probe stayed at the random-init floor on 3 seeds (RESULTS.md §5.2); cappa level.
+    # Off by default, a deviation: [PAD] is never masked nor a key, so mdc and cappa's parallel branch know the length.
+    # big_vision's cappa.py masks and attends over all (its loss skips pads); LLaDA masks and predicts pads. With it
+    # on, mdc's shape probe stayed at the random-init floor on 3 seeds (RESULTS.md §5.2); cappa level.
     hide_length: bool = False   # mdc, cappa: mask and attend over every position to max_len, [PAD] too (mdc predicts it)
     tie: float = 0.0            # shapes: probability that an object's shape is the one its colour implies (a text prior)
     order: str = "color_first"  # shapes: color_first ("a small red circle") | shape_first ("a small circle in red")
@@ -148,7 +149,6 @@ DTYPES = ("auto", "fp32", "bf16")
 
 # -----------------------------------------------------------------------------
 # Building blocks: attention, a pre-LN block with optional cross-attention, the ViT, the text transformer
-
 
 class Attention(nn.Module):
     def __init__(self, dim, heads, qk_norm=False, cross=False):
@@ -227,8 +227,7 @@ class ViT(nn.Module):
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
-    def normalize(self, imgs):
-        """[0, 1] images -> per channel minus the ImageNet mean, over its standard deviation."""
+    def normalize(self, imgs):  # [0, 1] images -> per channel minus the ImageNet mean, over its standard deviation
         return (imgs - self.mean) / self.std
 
     def embed(self, imgs):
@@ -236,8 +235,8 @@ class ViT(nn.Module):
         return x.flatten(2).transpose(1, 2) + self.pos        # (B, N, D), row-major patches
 
     def forward(self, imgs, keep=None):
-        """keep: None, or (B, K) indices of the patches the encoder sees (the masked-image objectives,
-        MAE's asymmetric encoder); each keeps its own position, added before the gather."""
+        """keep: None, or (B, K) indices of the patches the encoder sees (the masked-image objectives, MAE's
+        asymmetric encoder); each keeps its own position, added before the gather."""
         x = self.embed(imgs)                                  # (B, N, D)
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[2]))   # (B, K, D) visible patches only
@@ -245,15 +244,14 @@ class ViT(nn.Module):
             x = blk(x)
         return self.ln(x)
 
-    def features(self, imgs):
-        """The probe feature of every objective: the mean of the tokens of the whole, clean image."""
+    def features(self, imgs):  # the probe feature of every objective: the mean of the tokens of the whole, clean image
         return self.forward(imgs).mean(1)                     # (B, D)
 
 
 def attention_mask(real, causal):
-    """real: (B, L) bool, the positions that are keys (False at [PAD]); causal: bool or (B,) bool
-    tensor (cappa mixes both). Returns (B, 1, L, L) bool, True = query may attend key. Pads are never
-    keys, so they cannot influence real positions; every query sees at least position 0 (never a pad)."""
+    """real: (B, L) bool, the positions that are keys (False at [PAD]); causal: bool or (B,) bool tensor (cappa
+    mixes both). Returns (B, 1, L, L) bool, True = query may attend key. Pads are never keys, so they cannot
+    influence real positions; every query sees at least position 0 (never a pad)."""
     B, L = real.shape
     allowed = real[:, None, None, :].expand(B, 1, L, L)                   # (B, 1, L, L) keys that are real
     if causal is False:
@@ -264,8 +262,8 @@ def attention_mask(real, causal):
 
 
 class TextTransformer(nn.Module):
-    """tokens (B, L) -> hidden states (B, L, D). With cross=True it is the captioning decoder,
-    attending to the image tokens v (B, N, D); with cross=False it is CLIP's text encoder."""
+    """tokens (B, L) -> hidden states (B, L, D). With cross=True the captioning decoder, attending to the image
+    tokens v (B, N, D); with cross=False CLIP's text encoder."""
 
     def __init__(self, cfg, vocab_size, cross=True):
         super().__init__()
@@ -287,11 +285,9 @@ class TextTransformer(nn.Module):
 # -----------------------------------------------------------------------------
 # Model: the encoder and the text side
 
-
 class Model(nn.Module):
-    """The ViT encoder and a text transformer: with a vocabulary head, the caption decoder of the
-    captioners; without cross-attention and with two projections, the text encoder of the
-    contrastive objectives. The masked-image objectives add a patch decoder (MaskedImageModel)."""
+    """The ViT encoder and a text transformer: with a vocabulary head, the captioners' caption decoder; without
+    cross-attention, with two projections, the contrastive text encoder. MaskedImageModel adds a patch decoder."""
 
     def __init__(self, cfg, vocab_size, len_hist=None, teacher_cfg=None):
         super().__init__()
@@ -352,7 +348,6 @@ class Model(nn.Module):
 # Noise, the corruption, the MDC loss. Every objective is a pure function of (model, images, tokens,
 # noise) -> (loss, n), n the count the loss is normalised by (DDP renormalises by the global count).
 
-
 class Noise(NamedTuple):  # the uniforms of one step's global batch, a field for each use
     u: torch.Tensor         # (B,) mdc: t; cappa: which branch; umd: which half and the diffusion step
     caption: torch.Tensor   # (B, max_len) mdc: which caption tokens are masked
@@ -370,9 +365,8 @@ def stream_seed(cfg, stream):
 
 
 def draw_noise(cfg, B, step, salt=0):
-    """Noise for the global batch at `step`: a pure function of (seed, step), so a resumed run and a
-    DDP run (each rank slices the global draw) see the same. The fields are drawn in the order
-    above, each after the last, so adding one changes none before it."""
+    """Noise for the global batch at `step`: a pure function of (seed, step), so a resumed run and a DDP run (each
+    rank slices the global draw) see the same. Fields drawn in order, so adding one changes none before it."""
     g = torch.Generator().manual_seed(stream_seed(cfg, "noise") * 1_000_003 + step * 7 + salt)
     if cfg.antithetic:  # u_i = (u0 + i/B) mod 1: one shared offset u0 for every stratum (MDLM jitters each stratum)
         u = (torch.rand(1, generator=g) + torch.arange(B) / B) % 1
@@ -390,9 +384,8 @@ def sample_t(u, t_min):
 
 
 def corrupt(x, t, r, maskable=None):
-    """MDC's forward process: every maskable token of x (B, L) (default: all but [PAD]) becomes [MASK]
-    with probability t, t a number or (B,) per caption, decided by its uniform r (B, L) < t.
-    Returns (x_t (B, L) ids, masked (B, L) bool)."""
+    """MDC's forward process: every maskable token of x (B, L) (default: all but [PAD]) becomes [MASK] with
+    probability t (a number or (B,)), where its uniform r (B, L) < t. Returns (x_t (B, L) ids, masked (B, L) bool)."""
     t = torch.as_tensor(t, dtype=r.dtype, device=r.device).reshape(-1, 1)   # (B or 1, 1)
     maskable = x != PAD if maskable is None else maskable
     masked = (r[:, :x.shape[1]] < t) & maskable                             # (B, L)
@@ -412,15 +405,14 @@ class Feed(NamedTuple):  # what a caption decoder is shown of a caption x (B, L)
 
 
 def feed(x, cfg, causal=False, t=1.0, r=None):
-    """How a captioner's decoder sees a caption x (B, L): the one description that training, scoring,
-    the signal and the samplers share. causal (ar, and cappa's AR rows): input [BOS] + x[:-1],
-    left-to-right attention, every real token scored. Masked (mdc, and cappa's parallel rows at
-    t = 1): each token whose uniform r (B, L) is < t becomes [MASK] (r None: every one), full
-    attention, the masked tokens scored.
-    The caption's length, decided here alone: [PAD] is neither masked nor a key, so a masked decoder
-    knows where the caption ends (the count of its keys); --hide_length makes every position up to
-    max_len a key and masks [PAD] like a word (LLaDA), so the decoder must predict the length too. A
-    causal decoder cannot see the pads: they come after every word it predicts."""
+    """How a captioner's decoder sees a caption x (B, L): the one description that training, scoring, the signal
+    and the samplers share. causal (ar, and cappa's AR rows): input [BOS] + x[:-1], left-to-right attention,
+    every real token scored. Masked (mdc, and cappa's parallel rows at t = 1): each token whose uniform r (B, L)
+    is < t becomes [MASK] (r None: every one), full attention, the masked tokens scored.
+    The caption's length, decided here alone: [PAD] is neither masked nor a key, so a masked decoder knows where
+    the caption ends (the count of its keys); --hide_length makes every position up to max_len a key and masks
+    [PAD] like a word (LLaDA), so the decoder must predict the length too. A causal decoder cannot see the pads:
+    they come after every word it predicts."""
     real = x != PAD                                                         # (B, L) words and [EOS]
     if causal:
         return Feed(shift_right(x), real, True, real)
@@ -435,17 +427,15 @@ def token_ce(logits, x):
 
 def z_penalty(logits, real, z_loss):
     """z-loss: pushes log Z of the logits towards 0 so they cannot drift (PaLM)."""
-    if not z_loss:
-        return 0.0
-    return z_loss * (torch.logsumexp(logits.float(), -1) ** 2 * real).sum() / real.sum()
+    return z_loss * (torch.logsumexp(logits.float(), -1) ** 2 * real).sum() / real.sum() if z_loss else 0.0
 
 
 def mdc_loss(model, imgs, x, noise, cfg):
-    """Masked diffusion captioning. x: (B, L) ids with [PAD]; noise: draw_noise's (u, caption).
-    Mask every real token with probability t ~ U(t_min, 1), predict the masked ones from the rest
-    and the image, weight their cross-entropy by 1/t. With t_min -> 0 this is the masked-diffusion
-    bound on -log p(caption | image) per token (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025);
-    t_min > 0 leaves out the nearly unmasked captions, which the text alone can fill in."""
+    """Masked diffusion captioning. x: (B, L) ids with [PAD]; noise: draw_noise's (u, caption). Mask every real
+    token with probability t ~ U(t_min, 1), predict the masked ones from the rest and the image, weight their
+    cross-entropy by 1/t. With t_min -> 0 this is the masked-diffusion bound on -log p(caption | image) per token
+    (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025); t_min > 0 leaves out the nearly unmasked captions, which
+    the text alone can fill in."""
     t = sample_t(noise.u, cfg.t_min)                           # (B,) mask ratio per caption
     f = feed(x, cfg, t=t, r=noise.caption)                     # (B, L) x_t, its keys, the masked positions
     logits = model(imgs, f.inp, f.keys)                        # (B, L, V), bidirectional
@@ -462,16 +452,14 @@ def mdc_loss(model, imgs, x, noise, cfg):
 # -----------------------------------------------------------------------------
 # Sampling and scoring
 
-
 @torch.no_grad()
 def generate_mdc(model, imgs, length=None, steps=0, order="confidence", generator=None):
-    """MDC captions by iterative unmasking: start from L' [MASK] tokens and over `steps` rounds
-    (0 = one token per round) predict every masked position and commit a scheduled number of them,
-    each as its most likely token: the most confident first (MaskGIT, Chang et al. 2022), or in a
-    random order (LLaDA's random remasking at temperature 0; MDLM's ancestral sampler would instead
-    draw the tokens and unmask a random number of them). L' is `length` (an int or (B,)) or drawn
-    from the model's caption-length prior, unless the model is not told the length (feed): then it
-    fills all max_len positions and writes the [PAD]s itself. images (B, 3, S, S) -> ids (B, L')."""
+    """MDC captions by iterative unmasking: start from L' [MASK] tokens and over `steps` rounds (0 = one token per
+    round) predict every masked position and commit a scheduled number of them, each as its most likely token:
+    the most confident first (MaskGIT, Chang et al. 2022), or in a random order (LLaDA's random remasking at
+    temperature 0; MDLM's ancestral sampler would instead draw the tokens and unmask a random number of them).
+    L' is `length` (an int or (B,)) or drawn from the model's caption-length prior, unless the model is not told
+    the length (feed): then it fills all max_len positions and writes the [PAD]s itself. (B, 3, S, S) -> (B, L')."""
     v = model.encoder(imgs)                                             # (B, N, D)
     B, dev, L = len(imgs), imgs.device, model.cfg.max_len
     if length is None:
@@ -495,8 +483,8 @@ def generate_mdc(model, imgs, length=None, steps=0, order="confidence", generato
 
 @torch.no_grad()
 def generate_ar(model, imgs, max_len):
-    """Greedy left-to-right captions (ar, cappa): images (B, 3, S, S) -> ids (B, max_len).
-    Decode with Tokenizer.decode, which stops at [EOS]."""
+    """Greedy left-to-right captions (ar, cappa): images (B, 3, S, S) -> ids (B, max_len); Tokenizer.decode stops
+    at [EOS]."""
     v = model.encoder(imgs)                                             # (B, N, D)
     out = torch.full((len(imgs), max_len), MASK, dtype=torch.long, device=imgs.device)  # [MASK]: not written yet
     for k in range(max_len):  # causal: the positions after k cannot change position k
@@ -507,12 +495,11 @@ def generate_ar(model, imgs, max_len):
 
 @torch.no_grad()
 def caption_logprob(model, v, x, rule="loss", K=8, generator=None):
-    """A score of log p(caption | image) for scoring-based evaluation (higher = better), by the
-    model's own Config. v: (B, N, D) image tokens, x: (B, L) ids. Causal captioners (ar, cappa):
-    the exact log-likelihood, whatever the rule. mdc: 'loss' = minus the training loss, the
-    1/t-weighted masked CE averaged over K (t, mask) draws with t stratified over [t_min, 1] (below
-    t_min the model was never trained and the weight 1/t is large); it is the ELBO only as t_min ->
-    0; 'pll' = each token masked alone (a pseudo-log-likelihood); 'all' = every token masked at once."""
+    """A score of log p(caption | image) for scoring-based evaluation (higher = better), by the model's own Config.
+    v: (B, N, D) image tokens, x: (B, L) ids. Causal captioners (ar, cappa): the exact log-likelihood, whatever
+    the rule. mdc: 'loss' = minus the training loss, the 1/t-weighted masked CE averaged over K (t, mask) draws
+    with t stratified over [t_min, 1] (below t_min the model was never trained and 1/t is large); the ELBO only as
+    t_min -> 0; 'pll' = each token masked alone (a pseudo-log-likelihood); 'all' = every token masked at once."""
     cfg, (B, L) = model.cfg, x.shape
 
     def nll(w=1.0, **how):                                               # (B,) the scored CE of one feed
@@ -537,7 +524,6 @@ def caption_logprob(model, v, x, rule="loss", K=8, generator=None):
 # -----------------------------------------------------------------------------
 # The baselines: the same encoder and decoder, another corruption and attention; or contrastive
 
-
 def ar_loss(model, imgs, x, noise, cfg):
     """Autoregressive captioning: input [BOS] + x[:-1], causal attention, CE on every real token.
     --alias_loss=false (with --alias) leaves the alias words out: a control for their dilution of the loss."""
@@ -549,10 +535,9 @@ def ar_loss(model, imgs, x, noise, cfg):
 
 
 def cappa_loss(model, imgs, x, noise, cfg):
-    """CapPa (Tschannen et al. 2023; big_vision, models/proj/cappa/cappa.py): with probability
-    cappa_frac the input is all [MASK] with full attention (parallel prediction, i.e. MDC at t = 1),
-    otherwise an ordinary AR example; the CE is over the real tokens either way (big_vision's skips
-    the pads). Each branch is fed as feed says: the parallel rows as MDC's at t = 1."""
+    """CapPa (Tschannen et al. 2023; big_vision, models/proj/cappa/cappa.py): with probability cappa_frac the input
+    is all [MASK] with full attention (parallel prediction: feed's MDC rows at t = 1), otherwise an ordinary AR
+    example; the CE is over the real tokens either way (big_vision's skips the pads)."""
     real = x != PAD
     parallel = noise.u[:, None] < cfg.cappa_frac                        # (B, 1)
     par, seq = feed(x, cfg), feed(x, cfg, causal=True)                  # (B, L) each: all [MASK] / [BOS] + x[:-1]
@@ -586,16 +571,13 @@ def siglip_loss(model, imgs, x, noise, cfg):
 # =============================================================================
 # The masked-image relatives: mae, umd, milan, rils
 #
-# The encoder sees a subset of the patches (ViT(imgs, keep)) and a light PatchDecoder fills in the
-# rest: pixels (mae, umd), a frozen teacher's features (milan), or distributions over the batch's
-# captions (rils, which also trains clip_loss). Which patches are hidden is decided by
-# Noise.patches, so the masks are a pure function of (seed, step). Nothing above depends on this
-# section; MaskedImageModel holds the parts that only these objectives use.
-# VLMAE (He et al. 2022, arXiv 2208.09374) is not here: it is a vision-language model with a fusion
-# encoder, judged on VQA, retrieval and visual grounding, whose visual losses this repository does
-# not reproduce.
+# The encoder sees a subset of the patches (ViT(imgs, keep)) and a light PatchDecoder fills in the rest: pixels
+# (mae, umd), a frozen teacher's features (milan), or distributions over the batch's captions (rils, which also
+# trains clip_loss). Which patches are hidden is decided by Noise.patches, so the masks are a pure function of
+# (seed, step). Nothing above depends on this section; MaskedImageModel holds the parts only these objectives use.
+# VLMAE (He et al. 2022, arXiv 2208.09374) is not here: a vision-language model with a fusion encoder, judged on
+# VQA, retrieval and visual grounding, whose visual losses this repository does not reproduce.
 # =============================================================================
-
 
 def time_embedding(t, dim):
     """(B,) diffusion steps -> (B, dim) sin-cos features of t (the DDPM/ADM timestep embedding)."""
@@ -605,13 +587,12 @@ def time_embedding(t, dim):
 
 
 class PatchDecoder(nn.Module):
-    """The light decoder of the masked-image objectives (MAE, He et al. 2021, models_mae.py): the
-    encoder's tokens of the visible patches v (B, K, D) at indices keep (B, K) -> a prediction
-    (B, N, out) for every patch. Masked positions start as one learned mask token; fixed sin-cos
-    positions tell them apart. time=True (umd): t (B,) enters as a token prepended in every block
-    (UMD's adaln=False variant: it needs no change to Block; UMD's default is AdaLN). prompting=True
-    (milan): only the mask tokens are updated; the visible ones stay fixed keys and values (MILAN's
-    "prompting decoder", models_milan.py)."""
+    """The light decoder of the masked-image objectives (MAE, He et al. 2021, models_mae.py): the encoder's tokens
+    of the visible patches v (B, K, D) at indices keep (B, K) -> a prediction (B, N, out) for every patch. Masked
+    positions start as one learned mask token; fixed sin-cos positions tell them apart. time=True (umd): t (B,)
+    enters as a token prepended in every block (UMD's adaln=False variant: it needs no change to Block; UMD's
+    default is AdaLN). prompting=True (milan): only the mask tokens are updated; the visible ones stay fixed keys
+    and values (MILAN's "prompting decoder", models_milan.py)."""
 
     def __init__(self, cfg, out, depth, time=False, prompting=False):
         super().__init__()
@@ -642,27 +623,19 @@ class PatchDecoder(nn.Module):
 
 
 class MaskedImageModel(Model):
-    """Model plus a PatchDecoder that predicts every patch: its pixels (mae), x0 and eps (umd), the
-    frozen teacher's features (milan, which also holds the teacher), or features of the encoder's
-    width (rils, which keeps Model's contrastive text encoder). forward takes keep, the (B, K)
-    indices of the visible patches, and umd's t."""
-
-    def __init__(self, cfg, vocab_size, len_hist=None, teacher_cfg=None):
-        super().__init__(cfg, vocab_size, len_hist, teacher_cfg)
-        if cfg.objective in TAUGHT:
-            self.teacher.requires_grad_(False)
-            self.teacher_proj.requires_grad_(False)
-            self.teacher.eval()
+    """Model plus a PatchDecoder that predicts every patch: its pixels (mae), x0 and eps (umd), the frozen teacher's
+    features (milan, which also holds the teacher), or features of the encoder's width (rils, which keeps Model's
+    contrastive text encoder). forward takes keep, the (B, K) indices of the visible patches, and umd's t."""
 
     def add_parts(self, cfg, teacher_cfg):
         if cfg.objective in TAUGHT:
             if teacher_cfg is None:
                 raise ValueError("milan's Model needs its teacher's Config (load_teacher or the checkpoint has it)")
-            # the teacher: a clip/siglip image encoder and its projection, frozen, stored in every
-            # checkpoint (a few MB at these sizes), so a milan checkpoint loads on its own
+            # the teacher: a clip/siglip image encoder and its projection, frozen, stored in every checkpoint
+            # (a few MB at these sizes), so a milan checkpoint loads on its own
             self.teacher_cfg = teacher_cfg
-            self.teacher = ViT(teacher_cfg)
-            self.teacher_proj = nn.Linear(teacher_cfg.width, teacher_cfg.width, bias=False)
+            self.teacher = ViT(teacher_cfg).requires_grad_(False).eval()
+            self.teacher_proj = nn.Linear(teacher_cfg.width, teacher_cfg.width, bias=False).requires_grad_(False)
         P = 3 * cfg.patch_size ** 2                                          # pixels per patch
         out, depth, kw = {"mae": (P, cfg.mim_depth, {}),                                 # pixels
                           "umd": (2 * P, cfg.mim_depth, dict(time=True)),                # x0 and eps, told t
@@ -689,9 +662,8 @@ class MaskedImageModel(Model):
 
 
 def keep_first(keys, ratio):
-    """Patches ordered by keys (B, N), smallest first; the first N(1 - ratio) stay visible (MAE's
-    random_masking: argsort of uniforms). Returns (keep (B, K) indices, masked (B, N) bool, True =
-    hidden from the encoder)."""
+    """Patches ordered by keys (B, N), smallest first; the first N(1 - ratio) stay visible (MAE's random_masking:
+    argsort of uniforms). Returns (keep (B, K) indices, masked (B, N) bool, True = hidden from the encoder)."""
     B, N = keys.shape
     keep = keys.argsort(dim=1, stable=True)[:, :int(N * (1 - ratio))]          # (B, K)
     masked = torch.ones(B, N, dtype=torch.bool, device=keys.device).scatter(1, keep, False)
@@ -707,11 +679,10 @@ def patchify(imgs, p):
 
 
 def mae_loss(model, imgs, x, noise, cfg):
-    """MAE (He et al. 2021, facebookresearch/mae models_mae.py): the encoder sees a random quarter of
-    the patches; the decoder predicts the pixels of every patch, each normalised by its own mean and
-    variance (norm_pix_loss); the MSE is averaged over the masked patches only. The targets are the
-    pixels as the encoder sees them, normalised per channel by the ImageNet mean and standard
-    deviation, as MAE's are (its data pipeline normalises, the model patchifies that)."""
+    """MAE (He et al. 2021, facebookresearch/mae models_mae.py): the encoder sees a random quarter of the patches;
+    the decoder predicts the pixels of every patch, each normalised by its own mean and variance (norm_pix_loss);
+    the MSE is averaged over the masked patches only. The targets are the pixels as the encoder sees them (per
+    channel ImageNet-normalised), as MAE's are: its data pipeline normalises, the model patchifies that."""
     keep, masked = keep_first(noise.patches, cfg.mask_ratio)                # (B, K), (B, N)
     pred = model(imgs, keep=keep)                                            # (B, N, p*p*3)
     target = patchify(bare(model).encoder.normalize(imgs), cfg.patch_size)   # (B, N, p*p*3)
@@ -722,33 +693,30 @@ def mae_loss(model, imgs, x, noise, cfg):
 
 
 def cosine_alpha_bar(T=1000, s=0.008):
-    """abar[k], k = 0..T-1 (k = 0: one step of noise), of the cosine schedule (Nichol & Dhariwal 2021)
-    built as UMD builds it (gaussian_diffusion.py): betas from f(i) = cos((i/T + s)/(1 + s) pi/2)^2,
-    beta_k = min(1 - f(k+1)/f(k), 0.999), abar = cumprod(1 - beta)."""
+    """abar[k], k = 0..T-1 (k = 0: one step of noise), of the cosine schedule (Nichol & Dhariwal 2021) built as UMD
+    does (gaussian_diffusion.py): f(i) = cos((i/T + s)/(1 + s) pi/2)^2, beta_k = min(1 - f(k+1)/f(k), 0.999)."""
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return torch.cumprod(1 - (1 - f[1:] / f[:-1]).clamp(max=0.999), 0).float()   # (T,)
 
 
 def pixel_noise(seeds, shape):
-    """Standard normal noise (B, *shape), image i's from a generator seeded by its own two uniforms
-    seeds[i] (B, 2): the same image gets the same noise on whichever DDP rank, or in a resumed run.
-    Reading the seeds waits for the device once per step; this is umd's only cost of exactness."""
+    """Standard normal noise (B, *shape), image i's from a generator seeded by its own two uniforms seeds[i] (B, 2):
+    the same on whichever DDP rank, or in a resumed run. Reading the seeds waits for the device once per step."""
     ints = (seeds.double() * 2 ** 24).long().tolist()                         # 24 bits from each uniform
     gens = [torch.Generator(seeds.device).manual_seed(a * 2 ** 24 + b) for a, b in ints]
     return torch.stack([torch.randn(shape, generator=g, device=seeds.device) for g in gens])
 
 
 def umd_loss(model, imgs, x, noise, cfg):
-    """UMD (philippe-eecs/small-vision, trainers/train_ae.py): half of the batch is an MAE step
-    (clean, 75% masked, MSE to the clean pixels x0 on masked patches); the other half is noised at
-    a diffusion step t ~ U{0..999} (cosine schedule, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps) and
-    37.5% masked, and the decoder, told t, predicts eps on the visible patches and x0 on the masked
-    ones, each half-weighted. Total 0.5 L_noised + 0.5 L_clean; pixels in [-1, 1], no per-patch
-    normalisation. Two deviations: UMD also tells its encoder t, here only the decoder is told, so
-    the encoder is the shared ViT; and UMD's encoder carries class and register tokens, whose mean
-    feeds its decoder and is its probe feature, while this ViT has none: the decoder reads the
-    visible patch tokens, and the probe feature is the mean of the patch tokens of the clean,
-    unmasked image (ViT.features, as for every objective; UMD too probes at t = 0, unmasked)."""
+    """UMD (philippe-eecs/small-vision, trainers/train_ae.py): half of the batch is an MAE step (clean, 75% masked,
+    MSE to the clean pixels x0 on masked patches); the other half is noised at a diffusion step t ~ U{0..999}
+    (cosine schedule, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps) and 37.5% masked, and the decoder, told t,
+    predicts eps on the visible patches and x0 on the masked ones, each half-weighted. Total 0.5 L_noised +
+    0.5 L_clean; pixels in [-1, 1], no per-patch normalisation. Two deviations: UMD also tells its encoder t,
+    here only the decoder is told, so the encoder is the shared ViT; and UMD's encoder carries class and register
+    tokens, whose mean feeds its decoder and is its probe feature, while this ViT has none: the decoder reads the
+    visible patch tokens, and the probe feature is ViT.features of the clean, unmasked image (UMD too probes at
+    t = 0, unmasked)."""
     noised = noise.u < 0.5                                # (B,) half the global batch: exactly, with antithetic u, B even
     step = (2 * noise.u * 1000).long().clamp(max=999)     # (B,) t ~ U{0..999} for the noised rows
     abar = torch.where(noised, cosine_alpha_bar().to(noised.device)[step], 1.0).view(-1, 1, 1, 1)  # clean: 1
@@ -758,8 +726,8 @@ def umd_loss(model, imgs, x, noise, cfg):
     x0p, epsp = patchify(x0, cfg.patch_size), patchify(eps, cfg.patch_size)   # (B, N, P) targets
     P = x0p.shape[2]
     total = 0.0
-    # one pass per half (their numbers of visible patches differ); the decoder is told 0 for the
-    # clean half and t + 1 for the noised one, as UMD does
+    # one pass per half (their numbers of visible patches differ); the decoder is told 0 for the clean half and
+    # t + 1 for the noised one, as UMD does
     for is_noised, ratio in ((False, cfg.mask_ratio), (True, cfg.umd_mask_noised)):
         rows = noised if is_noised else ~noised
         if not rows.any():
@@ -773,19 +741,17 @@ def umd_loss(model, imgs, x, noise, cfg):
             eps_err = ((pred[..., P:] - epsp[rows]) ** 2).mean(-1)           # (b, N)
             per_image = 0.5 * per_image + 0.5 * (eps_err * ~masked).sum(1) / (~masked).sum(1)
         total = total + per_image.sum()
-    # the mean over images is 0.5 L_noised + 0.5 L_clean when the halves are equal, and a mean over
-    # images is what DDP's renormalisation by the global count keeps exact
+    # the mean over images is 0.5 L_noised + 0.5 L_clean when the halves are equal, and a mean over images is
+    # what DDP's renormalisation by the global count keeps exact
     return total / len(x), len(x)
 
 
 @torch.no_grad()
 def teacher_tokens(model, imgs):
-    """milan's targets and mask weights from the frozen teacher: (its image tokens after the final
-    norm, projected by its img_proj (B, N, Dt), importance (B, N)). MILAN weights patches by the
-    teacher's last-block attention from [CLS]; this ViT has no [CLS], so (an adaptation) the query
-    is the mean of the last block's normalised input tokens, its attention over the patches averaged
-    over heads. The targets are all tokens, projected, as MILAN's (CLIP's output tokens after its
-    final norm and projection)."""
+    """milan's targets and mask weights from the frozen teacher: (its image tokens after the final norm, projected by
+    its img_proj (B, N, Dt), as MILAN's CLIP tokens are; importance (B, N)). MILAN weights patches by the teacher's
+    last-block attention from [CLS]; this ViT has no [CLS], so (an adaptation) the query is the mean of the last
+    block's normalised input tokens, its attention over the patches averaged over heads."""
     enc = model.teacher
     h = enc.embed(imgs)                                                      # (B, N, Dt)
     for blk in enc.blocks[:-1]:
@@ -798,19 +764,17 @@ def teacher_tokens(model, imgs):
 
 
 def proportional_keys(u, w):
-    """Sampling without replacement in proportion to weights w (B, N) from uniforms u (B, N): the
-    order of the exponential keys -log(u) / w, smallest first, is such a sample (Efraimidis &
-    Spirakis 2006; Gumbel-top-k in another form), so it stays a pure function of the uniforms."""
+    """Sampling without replacement in proportion to weights w (B, N) from uniforms u (B, N): the order of the keys
+    -log(u) / w, smallest first, is such a sample (Efraimidis & Spirakis 2006; Gumbel-top-k in another form)."""
     return -torch.log(u) / w.clamp(min=1e-12)
 
 
 def milan_loss(model, imgs, x, noise, cfg):
-    """MILAN (zejiangh/MILAN, models_milan.py): the targets are a frozen language-aligned teacher's
-    patch features (here a clip/siglip checkpoint of this project, --teacher). 75% masked,
-    semantic-aware: patches are ordered by sampling without replacement in proportion to the
-    teacher's importance, and the first quarter stays visible, so important patches are seen more
-    often. The prompting decoder updates only the mask tokens. Loss 2 - 2 cos(prediction, target)
-    averaged over all patch tokens, visible and masked, as MILAN's forward_loss."""
+    """MILAN (zejiangh/MILAN, models_milan.py): the targets are a frozen language-aligned teacher's patch features
+    (a clip/siglip checkpoint of this project, --teacher). 75% masked, semantic-aware: patches are ordered by
+    sampling without replacement in proportion to the teacher's importance, the first quarter stays visible, so
+    important patches are seen more often. The prompting decoder updates only the mask tokens. Loss
+    2 - 2 cos(prediction, target) averaged over all patch tokens, visible and masked, as MILAN's forward_loss."""
     target, importance = teacher_tokens(bare(model), imgs)                  # (B, N, Dt), (B, N)
     keep, _ = keep_first(proportional_keys(noise.patches, importance), cfg.mask_ratio)   # (B, K)
     pred = model(imgs, keep=keep)                                           # (B, N, Dt)
@@ -819,20 +783,19 @@ def milan_loss(model, imgs, x, noise, cfg):
 
 
 def sentence_logits(patches, proj, txt, tau):
-    """RILS: patch features (B, N, D) -> logits over the batch's captions (B, N, B): the cosine of
-    the projected patch to each normalised caption embedding txt (B, D'), over a temperature tau."""
+    """RILS: patch features (B, N, D) -> logits over the batch's captions (B, N, B): the cosine of the projected
+    patch to each normalised caption embedding txt (B, D'), over a temperature tau."""
     return F.normalize(proj(patches), dim=-1) @ txt.T / tau
 
 
 def rils_loss(model, imgs, x, noise, cfg):
-    """RILS (hustvl/RILS, models_rils.py, losses.py): CLIP plus masked modelling in sentence space.
-    The full image gives the contrastive embedding and, detached, the teacher patches; 75% masked, the
-    visible patches go through a one-block decoder that predicts every patch. Student and teacher
-    patches become distributions over the batch's captions (temperatures 0.1 and 0.04); loss =
-    L_clip + 0.5 KL(teacher || student), averaged over the masked patches of the images whose
-    best-scoring caption is their own (none in the batch: that term is 0). The caption embeddings
-    enter that term as constants, so it trains the image side only (RILS's captions are gathered
-    across GPUs, without gradient). Under DDP each rank's captions are its own, as in clip_loss."""
+    """RILS (hustvl/RILS, models_rils.py, losses.py): CLIP plus masked modelling in sentence space. The full image
+    gives the contrastive embedding and, detached, the teacher patches; 75% masked, the visible patches go through
+    a one-block decoder that predicts every patch. Student and teacher patches become distributions over the
+    batch's captions (temperatures 0.1 and 0.04); loss = L_clip + 0.5 KL(teacher || student), averaged over the
+    masked patches of the images whose best-scoring caption is their own (none in the batch: that term is 0). The
+    caption embeddings enter that term as constants, so it trains the image side only (RILS's captions are
+    gathered across GPUs, without gradient). Under DDP each rank's captions are its own, as in clip_loss."""
     keep, masked = keep_first(noise.patches, cfg.mask_ratio)                # (B, K), (B, N)
     img, txt, pred, full = model(imgs, x, x != PAD, keep=keep)              # (B, D') x 2, (B, N, D) x 2
     m = bare(model)
@@ -853,21 +816,16 @@ def rils_loss(model, imgs, x, noise, cfg):
 
 
 # -----------------------------------------------------------------------------
-# The objectives by name (their families are under Config)
-
+# Training: the objectives by name (their families are under Config), the optimiser, a step, the loop
 
 LOSSES = {"mdc": mdc_loss, "ar": ar_loss, "cappa": cappa_loss, "clip": clip_loss, "siglip": siglip_loss,
           "mae": mae_loss, "umd": umd_loss, "milan": milan_loss, "rils": rils_loss}
 
 
 def build_model(cfg, vocab_size, len_hist=None, teacher_cfg=None):
-    """The Model of cfg.objective: MaskedImageModel for the masked-image objectives (milan needs its
-    teacher's Config), Model for the others."""
+    """The Model of cfg.objective: MaskedImageModel for the masked-image objectives (milan needs its teacher's
+    Config), Model for the others."""
     return (MaskedImageModel if cfg.objective in MASKED_IMAGE else Model)(cfg, vocab_size, len_hist, teacher_cfg)
-
-
-# -----------------------------------------------------------------------------
-# Training: the optimiser, a step, the loop
 
 
 def precision(device, dtype="auto"):
@@ -876,16 +834,14 @@ def precision(device, dtype="auto"):
 
 
 def autocast(device, dtype="auto"):
-    """bf16 autocast where precision(device, dtype) is bf16 (on a CPU too); else a no-op, fp32. The
-    parameters stay fp32 either way: autocast runs matmuls and attention in bf16, losses in fp32."""
-    if precision(device, dtype) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    """bf16 autocast where precision(device, dtype) is bf16 (on a CPU too); else a no-op, fp32. The parameters stay
+    fp32 either way: autocast runs matmuls and attention in bf16, losses in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision(device, dtype) == "bf16" else nullcontext()
 
 
 def lr_at(step, cfg):
-    """Linear warm-up, then cosine decay to zero; or (wsd) constant, then linear to zero over the last
-    cooldown fraction of the steps (warm-up, stable, decay: MiniCPM, Hu et al. 2024)."""
+    """Linear warm-up, then cosine decay to zero; or (wsd) constant, then linear to zero over the last cooldown
+    fraction of the steps (warm-up, stable, decay: MiniCPM, Hu et al. 2024)."""
     warm = max(1, int(cfg.warmup * cfg.steps))
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -896,9 +852,9 @@ def lr_at(step, cfg):
 
 @torch.no_grad()
 def ema_update(ema, model, decay, step):
-    """ema <- d * ema + (1 - d) * weights, in place, over every floating tensor of model.state_dict()
-    (the others copied). d = min(decay, (1 + step) / (10 + step)): the ramp (timm's ModelEmaV3) keeps
-    the random init from lingering in the average of a short run. Training does not see it."""
+    """ema <- d * ema + (1 - d) * weights, in place, over every floating tensor of model.state_dict() (the others
+    copied). d = min(decay, (1 + step) / (10 + step)): the ramp (timm's ModelEmaV3) keeps the random init from
+    lingering in the average of a short run. Training does not see it."""
     d = min(decay, (1 + step) / (10 + step))
     for k, w in model.state_dict().items():
         if w.is_floating_point():
@@ -908,8 +864,8 @@ def ema_update(ema, model, decay, step):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW; no weight decay on norms, biases, embeddings, positional tables and the mask token
-    (1-D or lookup). Frozen parameters (milan's teacher, --freeze_encoder) are left out."""
+    """AdamW; no weight decay on norms, biases, embeddings, positional tables and the mask token (1-D or lookup).
+    Frozen parameters (milan's teacher, --freeze_encoder) are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -934,8 +890,8 @@ def length_histogram(caps, max_len):
 
 
 def device_batch(imgs, caps, tok, cfg, step, rank=0, world=1):
-    """A batch of data.batches -> (images (b, 3, S, S), augmented if asked, ids (b, L)), on the
-    images' device. The augmentation is seeded by (seed, step, rank), so a resumed run repeats it."""
+    """A batch of data.batches -> (images (b, 3, S, S), augmented if asked, ids (b, L)), on the images' device. The
+    augmentation is seeded by (seed, step, rank), so a resumed run repeats it."""
     x = tok.batch(caps, cfg.max_len).to(imgs.device, non_blocking=True)
     if cfg.augment:
         imgs = data.augment(imgs, torch.Generator(device=imgs.device).manual_seed(stream_seed(cfg, "data") * 7919 + step * world + rank))
@@ -943,10 +899,9 @@ def device_batch(imgs, caps, tok, cfg, step, rank=0, world=1):
 
 
 def train_step(model, opt, imgs, x, step, cfg, rank=0, world=1):
-    """One optimisation step at `step` on this process's share of the global batch: images
-    (b, 3, S, S) and ids (b, L) on the device. The noise is drawn for the global batch and
-    sliced, so a resumed or a DDP run sees the same draws. Returns (loss, gradient norm before
-    clipping) as tensors: reading them would wait for the GPU."""
+    """One optimisation step at `step` on this process's share of the global batch: images (b, 3, S, S) and ids
+    (b, L) on the device. The noise is drawn for the global batch and sliced, so a resumed or a DDP run sees the
+    same draws. Returns (loss, gradient norm before clipping) as tensors: reading them would wait for the GPU."""
     b = len(x)
     noise = Noise(*(a[rank * b:(rank + 1) * b] for a in draw_noise(cfg, b * world, step))).to(x.device)  # this rank's rows
     for g in opt.param_groups:
@@ -956,7 +911,7 @@ def train_step(model, opt, imgs, x, step, cfg, rank=0, world=1):
     scaled = loss
     if world > 1:  # DDP averages gradients; rescale so the result is normalised by the global count
         total = torch.as_tensor(n, dtype=torch.float, device=x.device).clone()
-        torch.distributed.all_reduce(total)
+        dist.all_reduce(total)
         scaled = loss * n / (total / world)
     opt.zero_grad(set_to_none=True)
     scaled.backward()
@@ -986,9 +941,9 @@ LOG_COLUMNS = ("step", "loss", "grad_norm_median", "grad_norm_max", "lr", "img_s
 
 
 def build(cfg, device):
-    """Everything a run needs before its first step: (model on device, optimizer, tokenizer, train set,
-    val set, the training captions the tokenizer was built from). The model is initialised from
-    --init_seed (or --seed); milan's frozen teacher is loaded from --teacher."""
+    """Everything a run needs before its first step: (model on device, optimizer, tokenizer, train set, val set, the
+    training captions the tokenizer was built from). The model is initialised from --init_seed (or --seed);
+    milan's frozen teacher is loaded from --teacher."""
     torch.manual_seed(stream_seed(cfg, "init"))
     train_set, val_set, tok, caps = caption_data(cfg)
     clip, tcfg = load_teacher(cfg, device) if cfg.objective in TAUGHT else (None, None)
@@ -1001,10 +956,10 @@ def build(cfg, device):
 
 
 def train(cfg, callback=None):
-    """Train cfg.objective from scratch or, with --resume, from out_dir/ckpt.pt. Every log
-    interval a row (a dict with the keys LOG_COLUMNS; val_loss where it was measured) goes to
-    out_dir/log.csv and to callback(row). Returns (model in eval mode, tokenizer, validation
-    set) on the main process, None on the others (and bench's figures with --bench)."""
+    """Train cfg.objective from scratch or, with --resume, from out_dir/ckpt.pt. Every log interval a row (a dict
+    with the keys LOG_COLUMNS; val_loss where it was measured) goes to out_dir/log.csv and to callback(row).
+    Returns (model in eval mode, tokenizer, validation set) on the main process, None on the others (and bench's
+    figures with --bench)."""
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ (DiT)
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -1038,8 +993,9 @@ def train(cfg, callback=None):
         log.add(loss, gnorm)
         bar.update()
         done = step + 1
+        save = done % cfg.ckpt_every == 0 or done == end
         evaluate_now = cfg.eval_every and (done % cfg.eval_every == 0 or done == end)
-        if not (done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or evaluate_now or done == end):
+        if not (done % cfg.log_every == 0 or save or evaluate_now):
             continue
         row = log.row(done, step)       # checked for a non-finite loss only here: no GPU sync every step
         if not master:
@@ -1052,7 +1008,7 @@ def train(cfg, callback=None):
         log.write(row)
         if callback:
             callback(row)
-        if done % cfg.ckpt_every == 0 or done == end:
+        if save:
             made = log.provenance()
             save_checkpoint(ckpt_path, model, opt, cfg, tok, done, ema, made)
             if cfg.keep_ckpts:  # the model alone: enough to probe, a fifth of the size
@@ -1060,7 +1016,7 @@ def train(cfg, callback=None):
     bar.close()
     if world > 1:
         check_ranks_in_sync(model, master)
-        torch.distributed.destroy_process_group()
+        dist.destroy_process_group()
     if not master:
         return None
     print(f"trained {end - start} steps in {time.time() - log.t0:.0f} s; checkpoint {ckpt_path}")
@@ -1069,9 +1025,8 @@ def train(cfg, callback=None):
 
 
 class RunLog:
-    """The loop's bookkeeping: losses and gradient norms since the last row, the rows of
-    out_dir/log.csv (appended to on resume), and how the run was made (provenance, saved in every
-    checkpoint and copied by probe.py into its result files)."""
+    """The loop's bookkeeping: losses and gradient norms since the last row, the rows of out_dir/log.csv (appended
+    to on resume), and how the run was made (provenance, in every checkpoint and copied into probe.py's results)."""
 
     def __init__(self, cfg, ckpt, ckpt_path, world, device, master):
         self.cfg, self.path, self.ckpt_path = cfg, os.path.join(cfg.out_dir, "log.csv"), ckpt_path
@@ -1111,18 +1066,15 @@ class RunLog:
 # -----------------------------------------------------------------------------
 # Checkpoints and resume
 
-
 def save_checkpoint(path, model, opt, cfg, tok, step, ema=None, provenance=None):
-    """Plain tensors, numbers and strings only, so torch.load(..., weights_only=True) reads it.
-    Written to a temporary file and renamed: a crash never leaves half a checkpoint. provenance:
-    how the run was made (threads, processes, device, commit, cpu, torch, train_seconds so far)."""
+    """Plain tensors, numbers and strings only, so torch.load(..., weights_only=True) reads it. Written to a temporary
+    file and renamed: a crash never leaves half a checkpoint. provenance: how the run was made (RunLog)."""
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt else None, "ema": ema,
             "config": asdict(cfg), "vocab": tok.itos, "step": step, "provenance": provenance,
             "rng": torch.get_rng_state(), "torch_version": str(torch.__version__),
             "teacher_config": asdict(model.teacher_cfg) if hasattr(model, "teacher_cfg") else None}  # milan
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def code_version():
@@ -1147,7 +1099,8 @@ def cpu_name():
 
 
 def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict at path, or a UsageError that says what the file is not."""
+    """(the checkpoint dict at path, the Config it was trained with), or a UsageError that says what the file is
+    not. Config fields it predates take their defaults; state dicts of an earlier mdc.py get today's names."""
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such checkpoint")
     try:
@@ -1157,34 +1110,21 @@ def read_checkpoint(path, device="cpu"):
         raise UsageError(f"{path} is not a checkpoint written by mdc.py ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "vocab", "step"} <= set(ckpt):
         raise UsageError(f"{path} is not a checkpoint written by mdc.py (no model, config, vocab and step in it)")
-    ckpt["model"] = upgrade_state(ckpt["model"], ckpt["config"].get("objective"))
-    if ckpt.get("ema"):   # --ema: the moving average, in the same names
-        ckpt["ema"] = upgrade_state(ckpt["ema"], ckpt["config"].get("objective"))
-    return ckpt
-
-
-def upgrade_state(state, objective):
-    """A state dict of an earlier mdc.py, in today's names: cross-attention's query projection was
-    called qkv, and clip kept a frozen logit bias of 0."""
-    state = {k.replace(".xattn.qkv.", ".xattn.q."): v for k, v in state.items()}
-    if objective in CONTRASTIVE and CONTRASTIVE[objective][1] is None:
-        state.pop("logit_bias", None)
-    return state
-
-
-def config_of(ckpt):
-    """The Config a checkpoint was trained with (fields it predates take their defaults)."""
-    known = {f.name for f in fields(Config)}
-    if unknown := sorted(set(ckpt["config"]) - known):
+    objective = ckpt["config"].get("objective")
+    no_bias = objective in CONTRASTIVE and CONTRASTIVE[objective][1] is None     # clip once kept a frozen bias of 0
+    for part in ("model", "ema"):   # --ema's moving average has the same names
+        if ckpt.get(part):          # an earlier mdc.py called cross-attention's query projection qkv
+            ckpt[part] = {k.replace(".xattn.qkv.", ".xattn.q."): v for k, v in ckpt[part].items()
+                          if not (no_bias and k == "logit_bias")}
+    if unknown := sorted(set(ckpt["config"]) - {f.name for f in fields(Config)}):
         raise UsageError(f"the checkpoint has flags this mdc.py does not know ({', '.join(unknown)}): a newer version wrote it")
-    return Config(**ckpt["config"])
+    return ckpt, Config(**ckpt["config"])
 
 
 def load_checkpoint(path, device="cpu", ema=False):
-    """-> (model in eval mode, Config, Tokenizer, checkpoint dict); with ema, the model holds the
-    moving average of its weights (a run trained with --ema)."""
-    ckpt = read_checkpoint(path, device)
-    cfg = config_of(ckpt)
+    """-> (model in eval mode, Config, Tokenizer, checkpoint dict); with ema, the model holds the moving average of
+    its weights (a run trained with --ema)."""
+    ckpt, cfg = read_checkpoint(path, device)
     tok = data.Tokenizer(ckpt["vocab"])
     teacher_cfg = Config(**ckpt["teacher_config"]) if ckpt.get("teacher_config") else None   # milan
     model = build_model(cfg, len(tok), teacher_cfg=teacher_cfg).to(device)
@@ -1195,8 +1135,8 @@ def load_checkpoint(path, device="cpu", ema=False):
 
 
 def load_teacher(cfg, device):
-    """milan: the frozen teacher's checkpoint cfg.teacher -> (its Model, its Config). It must be a clip
-    or siglip run of this project with the student's img_size and patch_size (one token per patch)."""
+    """milan: the frozen teacher's checkpoint cfg.teacher -> (its Model, its Config). It must be a clip or siglip run
+    of this project with the student's img_size and patch_size (one token per patch)."""
     if not os.path.exists(cfg.teacher):
         raise UsageError(f"--teacher: no checkpoint at {cfg.teacher}")
     clip, tcfg, _, _ = load_checkpoint(cfg.teacher, device)
@@ -1218,12 +1158,12 @@ RESUMABLE = ("steps", "stop_after", "resume", "lr", "grad_clip", "z_loss", "eval
 
 
 def resumable(cfg, path):
-    """--resume: the checkpoint at path, if it is one of this run (every flag but those in RESUMABLE the
-    same) and has steps left to train; else a UsageError that says what to change."""
+    """--resume: the checkpoint at path, if it is one of this run (every flag but those in RESUMABLE the same) and
+    has steps left to train; else a UsageError that says what to change."""
     if not os.path.exists(path):
         raise UsageError(f"--resume: no checkpoint at {path} (set --out_dir to the run's folder)")
-    ckpt = read_checkpoint(path)
-    saved, now = asdict(config_of(ckpt)), asdict(cfg)
+    ckpt, saved = read_checkpoint(path)
+    saved, now = asdict(saved), asdict(cfg)
     if diff := [k for k in now if k not in RESUMABLE and saved[k] != now[k]]:
         raise UsageError(f"--resume: {path} was trained with " + ", ".join(f"--{k}={saved[k]!r}" for k in diff)
                          + ", this run has " + ", ".join(f"--{k}={now[k]!r}" for k in diff)
@@ -1234,40 +1174,31 @@ def resumable(cfg, path):
 
 
 def restore(ckpt, path, model, opt, tok, cfg, device, master):
-    """(first step, the moving average of --ema or None): from the checkpoint of --resume, else (0, a copy
-    of the fresh weights)."""
-    ema = None
+    """(first step, the moving average of --ema or None): from the checkpoint of --resume, else (0, a copy of the
+    fresh weights)."""
     if ckpt is None:
-        if cfg.ema:
-            ema = {k: v.clone() for k, v in model.state_dict().items()}
-        return 0, ema
+        return 0, {k: v.clone() for k, v in model.state_dict().items()} if cfg.ema else None
     if ckpt["vocab"] != tok.itos:
         raise UsageError(f"--resume: {path} has another vocabulary than this data's; did --data change?")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    if cfg.ema:
-        ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
     if master:
         print(f"resumed from {path} at step {ckpt['step']}")
-    return ckpt["step"], ema
+    return ckpt["step"], {k: v.to(device) for k, v in ckpt["ema"].items()} if cfg.ema else None
 
 
 # -----------------------------------------------------------------------------
 # The device and DDP
 
-
 def pick_device(name="auto"):
     """auto = CUDA when there is one, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def setup_distributed(device):
     """torchrun sets RANK/WORLD_SIZE: nccl on CUDA, gloo on CPU. Returns (rank, world, device)."""
     if "RANK" not in os.environ:
         return 0, 1, device
-    import torch.distributed as dist
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -1278,7 +1209,6 @@ def setup_distributed(device):
 
 def check_ranks_in_sync(model, master):
     """DDP keeps replicas identical; verify it (cheap) and say so."""
-    import torch.distributed as dist
     vec = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
     hi, lo = vec.clone(), vec.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
@@ -1290,18 +1220,24 @@ def check_ranks_in_sync(model, master):
 # -----------------------------------------------------------------------------
 # Benchmark: images/s and model FLOPs utilisation (nanoGPT's estimate_mfu, measured)
 
+def median_time(fn, n, sync=lambda: None):
+    """The median seconds of fn(i), i = 0..n-1, each timed between two sync() calls (CUDA runs ahead of Python)."""
+    times = []
+    for i in range(n):
+        sync()
+        t = time.perf_counter()
+        fn(i)
+        sync()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
 
 def matmul_peak(device, n=2048, reps=10):
     """Measured fp32 matmul FLOP/s on this CPU (the CPU 'peak' to compare against)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    for _ in range(3):
+    for _ in range(3):  # warm-up
         a @ b
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / float(np.median(times))
+    return 2 * n ** 3 / median_time(lambda i: a @ b, reps)
 
 
 # dense tensor-core peaks from NVIDIA's datasheets (H100/H200 SXM): bf16 under autocast, TF32 for fp32 matmuls
@@ -1317,11 +1253,10 @@ def gpu_peak(name, prec):
 
 
 def bench(cfg, model, opt, tok, stream, rank=0, world=1):
-    """Median time of train_step (with device_batch, as in the loop) on one precomputed batch,
-    images/s and MFU: FLOPs counted by FlopCounterMode (forward + backward) against the card's
-    nominal peak at the run's precision on CUDA (bf16, or TF32 for fp32), or against a fp32 matmul
-    peak measured now on a CPU; then the median time data.batches takes to produce a batch, which a
-    single process adds to every step."""
+    """Median time of train_step (with device_batch, as in the loop) on one precomputed batch, images/s and MFU:
+    FLOPs counted by FlopCounterMode (forward + backward) against the card's nominal peak at the run's precision on
+    CUDA (bf16, or TF32 for fp32), or a fp32 matmul peak measured now on a CPU; then the median time data.batches
+    takes to produce a batch, which a single process adds to every step."""
     from torch.utils.flop_counter import FlopCounterMode
     imgs, caps = next(stream)
     device = imgs.device
@@ -1329,23 +1264,11 @@ def bench(cfg, model, opt, tok, stream, rank=0, world=1):
     with FlopCounterMode(display=False) as fc:
         step(0)
     flops = fc.get_total_flops()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):  # warm-up (and compilation)
         step(0)
-    times = []
-    for i in range(cfg.bench_steps):
-        sync()
-        t = time.perf_counter()
-        step(i)
-        sync()
-        times.append(time.perf_counter() - t)
-    dt = float(np.median(times))
-    feed = []  # producing a batch (rendering shapes, or reading and decoding images) happens before the step
-    for _ in range(cfg.bench_steps):
-        t = time.perf_counter()
-        next(stream)
-        feed.append(time.perf_counter() - t)
-    feed = float(np.median(feed))
+    dt = median_time(step, cfg.bench_steps, torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+    # producing a batch (rendering shapes, or reading and decoding images) happens before the step
+    data_s = median_time(lambda i: next(stream), cfg.bench_steps)
     if device.type == "cuda":
         peak, peak_txt = gpu_peak(torch.cuda.get_device_name(), precision(device, cfg.dtype))
     else:
@@ -1356,16 +1279,15 @@ def bench(cfg, model, opt, tok, stream, rank=0, world=1):
         print(f"bench {cfg.objective} {cfg.model} img {cfg.img_size} batch {B}: median step {dt * 1000:.1f} ms | "
               f"{B / dt:.1f} img/s | {B * cfg.max_len / dt:.0f} caption tokens/s | {flops / B / 1e9:.2f} GFLOP/img | "
               f"{flops / dt / 1e12:.3f} TFLOP/s | MFU {100 * mfu:.1f}% of {peak_txt} ({(peak or 0) / 1e12:.3f} TFLOP/s)")
-        print(f"data: median {feed * 1000:.1f} ms to produce a batch of {cfg.data} ({100 * feed / dt:.0f}% of a step); "
-              f"with it, {B / (dt + feed):.1f} img/s in one process")
+        print(f"data: median {data_s * 1000:.1f} ms to produce a batch of {cfg.data} ({100 * data_s / dt:.0f}% of a step); "
+              f"with it, {B / (dt + data_s):.1f} img/s in one process")
         if device.type == "cuda":
             print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    return dict(step_s=dt, img_s=B / dt, flops=flops, mfu=mfu, peak=peak, data_s=feed)
+    return dict(step_s=dt, img_s=B / dt, flops=flops, mfu=mfu, peak=peak, data_s=data_s)
 
 
 # -----------------------------------------------------------------------------
 # The end-of-run check of python mdc.py: the ridge probe of the trained encoder against its floors
-
 
 def random_encoder(cfg, seed, device):
     """The floor: the same ViT at its (seeded) random initialisation, in eval mode."""
@@ -1376,29 +1298,25 @@ def random_encoder(cfg, seed, device):
 
 
 def ridge_accuracy(featurize, train, test, n_classes, img_size, device, batch_size=256, num_workers=0, dtype="auto"):
-    """Ridge-probe top-1 (a fraction) of featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) on a
-    labelled (train, test) pair of datasets."""
+    """Ridge-probe top-1 (a fraction) of featurize ((B, 3, S, S) in [0, 1] -> (B, D)) on labelled (train, test)."""
     a, b = (extract(featurize, ds, img_size, device, batch_size, num_workers=num_workers, dtype=dtype) for ds in (train, test))
     return ridge_probe(*a, *b, n_classes, log=lambda s: None)["ridge top1"]
 
 
 QUICK_PROBE_SEED = 0      # quick_probe's scenes and hold-out: the same for every training seed (as probe.py --seed=0)
-
-
 FLOOR_INITS = (0, 1, 2)   # the random-init floor moves by points with the init seed: the mean over these
 
 
 def quick_probe(model, cfg):
-    """Ridge probe on cfg.probe of the trained encoder, the same ViT at random initialisation
-    (the mean over FLOOR_INITS) and raw pixels, printed on one line; the closed-form fitter keeps
-    it to seconds. The probe scenes do not depend on the training seed, so seeds differ only in
-    training. Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
+    """Ridge probe on cfg.probe of the trained encoder, the same ViT at random initialisation (the mean over
+    FLOOR_INITS) and raw pixels, printed on one line; the closed-form fitter keeps it to seconds. The probe scenes
+    do not depend on the training seed, so seeds differ only in training. Returns {"trained": acc,
+    "random init": acc, "pixels": acc}, fractions."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     tr, te = (data.probe_dataset(cfg.probe, s, cfg.img_size, cfg.data_root, QUICK_PROBE_SEED) for s in ("train", "test"))
-    flat = lambda imgs: imgs.flatten(1)                       # (B, 3 * S * S)
     encoders = [("trained", model.encoder.features), *(("random init", random_encoder(cfg, s, device).features) for s in FLOOR_INITS),
-                ("pixels", flat)]
+                ("pixels", lambda imgs: imgs.flatten(1))]                  # pixels: (B, 3 * S * S)
     accs = {}
     for name, fn in encoders:
         accs.setdefault(name, []).append(ridge_accuracy(fn, tr, te, tr.n_classes, cfg.img_size, device,
@@ -1412,10 +1330,9 @@ def quick_probe(model, cfg):
 
 @torch.no_grad()
 def extract(featurize, ds, size, device, batch_size=256, desc="features", num_workers=0, dtype="auto"):
-    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset batch by batch
-    (data.probe_batches: an ImageFolder is decoded by num_workers DataLoader workers as it goes, never
-    all at once), under autocast(device, dtype), with a progress bar. Returns (features float32
-    (N, D) on the CPU, labels int64 (N,))."""
+    """Run featurize (images (B, 3, S, S) in [0, 1] -> (B, D)) over a labelled dataset batch by batch (data.probe_batches:
+    an ImageFolder is decoded by num_workers DataLoader workers as it goes, never all at once), under autocast(device,
+    dtype), with a progress bar. Returns (features float32 (N, D) on the CPU, labels int64 (N,))."""
     out, labels = [], []
     bar = tqdm(total=len(ds), desc=desc, leave=False, disable=len(ds) < 4 * batch_size or None)
     for imgs, y in data.probe_batches(ds, batch_size, num_workers):
@@ -1463,9 +1380,9 @@ RIDGE_GRID = [10.0 ** e for e in np.arange(-7, 4.01, 0.5)]
 
 
 def ridge_fit(x, y, n_classes):
-    """Closed-form ridge on standardised x (N, D): W(lam) = (X^T X + N lam I)^-1 X^T (Y - mean Y) by
-    one Cholesky factorisation per lam (for wide features such as raw pixels far faster than one
-    eigendecomposition for every lam). Returns solve(lam) -> (W (D, C), bias (C,)), in float64."""
+    """Closed-form ridge on standardised x (N, D): W(lam) = (X^T X + N lam I)^-1 X^T (Y - mean Y) by one Cholesky
+    factorisation per lam (for wide features such as raw pixels far faster than one eigendecomposition for every
+    lam). Returns solve(lam) -> (W (D, C), bias (C,)), in float64."""
     x = x.double()
     Y = F.one_hot(y, n_classes).double()
     ybar = Y.mean(0)                                        # the free bias: x is centred
@@ -1481,9 +1398,9 @@ def ridge_fit(x, y, n_classes):
 
 
 def ridge_probe(xtr, ytr, xte, yte, n_classes, grid=RIDGE_GRID, seed=0, log=print):
-    """Linear probe by ridge regression onto one-hot labels, mean ||XW - Y||^2 + lam ||W||^2 on
-    standardised features (big_vision's few-shot probe): lam picked on a stratified 10% hold-out,
-    refit on all, test once. A lam whose system could not be factorised scores as no lam."""
+    """Linear probe by ridge regression onto one-hot labels, mean ||XW - Y||^2 + lam ||W||^2 on standardised features
+    (big_vision's few-shot probe): lam picked on a stratified 10% hold-out, refit on all, test once. A lam whose
+    system could not be factorised scores as no lam."""
     xtr, xte = standardize(xtr, xte)
     fit, hold = stratified_holdout(ytr, 0.1, seed)
     solve = ridge_fit(xtr[fit], ytr[fit], n_classes)
@@ -1500,7 +1417,6 @@ def ridge_probe(xtr, ytr, xte, yte, n_classes, grid=RIDGE_GRID, seed=0, log=prin
 # -----------------------------------------------------------------------------
 # The command line: flags -> Config, checked; then train, show captions, the end-of-run probe
 
-
 def config_help():
     """Every flag with its default (with --model=tiny) and the comment beside its field in Config."""
     notes = dict(re.findall(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
@@ -1509,8 +1425,8 @@ def config_help():
 
 
 def parse_args(argv):
-    """--key=value flags -> Config. --model=NAME applies a preset first; explicit flags win.
-    A bad flag or value is a UsageError that names it; every check runs before any work starts."""
+    """--key=value flags -> Config. --model=NAME applies a preset first; explicit flags win. A bad flag or value is a
+    UsageError that names it; every check runs before any work starts."""
     names = {f.name: f for f in fields(Config)}
     if "--help" in argv or "-h" in argv:
         print("python mdc.py --key=value ...  (a bare --flag means --flag=True)\n" + config_help())
@@ -1522,18 +1438,13 @@ def parse_args(argv):
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean --{close[0]}?" if close else ""
             raise UsageError(f"unknown flag {arg!r}{hint} (python mdc.py --help lists every flag)")
-        typ = names[key].type
+        typ = names[key].type   # bool, int, float or str
         try:
-            if typ == "bool" or typ is bool:
-                if val.lower() not in ("", "1", "true", "0", "false"):
-                    raise ValueError
-                overrides[key] = val.lower() in ("", "1", "true")  # a bare --flag means True
-            else:
-                overrides[key] = {"int": int, "float": float, "str": str}.get(typ, typ)(val) if eq else None
-                if overrides[key] is None:
-                    raise ValueError
-        except ValueError:
-            raise UsageError(f"--{key} expects a {getattr(typ, '__name__', typ)}, got {val!r}") from None
+            if typ is not bool and not eq:  # only a bool flag may be bare: --flag means --flag=True
+                raise ValueError
+            overrides[key] = {"": True, "1": True, "true": True, "0": False, "false": False}[val.lower()] if typ is bool else typ(val)
+        except (KeyError, ValueError):
+            raise UsageError(f"--{key} expects a {typ.__name__}, got {val!r}") from None
     preset = overrides.get("model", Config.model)
     if preset not in PRESETS:
         raise UsageError(f"--model must be one of {list(PRESETS)}, got {preset!r}")
@@ -1560,18 +1471,14 @@ def check_config(c):
         ("alias_loss", c.alias_loss or (c.objective in ALIAS_LOSS and c.alias > 0),
          f"true unless {' or '.join(f'--objective={o}' for o in ALIAS_LOSS)} with --alias > 0"),
         ("device", c.device in ("auto", "cpu") or c.device.startswith("cuda"), "auto, cpu or cuda"),
-        ("dtype", c.dtype in DTYPES, " or ".join(DTYPES)),
-        ("t_min", 0 < c.t_min <= 1, "in (0, 1]"),
-        ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"),
-        ("val_frac", 0 <= c.val_frac < 1, "in [0, 1)"),
+        ("dtype", c.dtype in DTYPES, " or ".join(DTYPES)), ("t_min", 0 < c.t_min <= 1, "in (0, 1]"),
+        ("cappa_frac", 0 <= c.cappa_frac <= 1, "in [0, 1]"), ("val_frac", 0 <= c.val_frac < 1, "in [0, 1)"),
         ("warmup", 0 <= c.warmup <= 1, "a fraction of the steps, in [0, 1]"),
         ("schedule", c.schedule in ("cosine", "wsd"), "cosine or wsd"),
         ("cooldown", 0 < c.cooldown <= 1 and (c.schedule != "wsd" or c.warmup + c.cooldown <= 1),
          "a fraction of the steps, in (0, 1], that leaves room for --warmup"),
         ("beta2", 0 <= c.beta2 < 1, "in [0, 1)"), ("ema", 0 <= c.ema < 1, "in [0, 1) (0 = no moving average)"),
-        ("lr", c.lr > 0, "> 0"),
-        ("batch_size", c.batch_size >= 1, ">= 1 (the global batch)"),
-        ("steps", c.steps >= 1, ">= 1"),
+        ("lr", c.lr > 0, "> 0"), ("batch_size", c.batch_size >= 1, ">= 1 (the global batch)"), ("steps", c.steps >= 1, ">= 1"),
         ("max_len", c.max_len >= 2, ">= 2 (a word and [EOS])"),
         ("img_size", c.img_size >= c.patch_size >= 1 and c.img_size % c.patch_size == 0,
          f"a multiple of --patch_size={c.patch_size}"),
