@@ -249,9 +249,9 @@ class ViT(nn.Module):
 
 
 def attention_mask(real, causal):
-    """real: (B, L) bool, the positions that are keys (False at [PAD]); causal: bool or (B,) bool tensor (cappa
-    mixes both). Returns (B, 1, L, L) bool, True = query may attend key. Pads are never keys, so they cannot
-    influence real positions; every query sees at least position 0 (never a pad)."""
+    """real: (B, L) bool, True at keys (not at [PAD]); causal: bool or (B,) bool (cappa mixes both) -> (B, 1, L, L)
+    bool, True = query may attend key. Pads are never keys, so they cannot touch real positions; every query sees
+    position 0 (never a pad)."""
     B, L = real.shape
     allowed = real[:, None, None, :].expand(B, 1, L, L)                   # (B, 1, L, L) keys that are real
     if causal is False:
@@ -262,8 +262,7 @@ def attention_mask(real, causal):
 
 
 class TextTransformer(nn.Module):
-    """tokens (B, L) -> hidden states (B, L, D). With cross=True the captioning decoder, attending to the image
-    tokens v (B, N, D); with cross=False CLIP's text encoder."""
+    """tokens (B, L) -> (B, L, D): the caption decoder (cross=True: attends to image tokens v) or CLIP's text encoder."""
 
     def __init__(self, cfg, vocab_size, cross=True):
         super().__init__()
@@ -405,14 +404,13 @@ class Feed(NamedTuple):  # what a caption decoder is shown of a caption x (B, L)
 
 
 def feed(x, cfg, causal=False, t=1.0, r=None):
-    """How a captioner's decoder sees a caption x (B, L): the one description that training, scoring, the signal
-    and the samplers share. causal (ar, and cappa's AR rows): input [BOS] + x[:-1], left-to-right attention,
-    every real token scored. Masked (mdc, and cappa's parallel rows at t = 1): each token whose uniform r (B, L)
-    is < t becomes [MASK] (r None: every one), full attention, the masked tokens scored.
-    The caption's length, decided here alone: [PAD] is neither masked nor a key, so a masked decoder knows where
-    the caption ends (the count of its keys); --hide_length makes every position up to max_len a key and masks
-    [PAD] like a word (LLaDA), so the decoder must predict the length too. A causal decoder cannot see the pads:
-    they come after every word it predicts."""
+    """How a captioner's decoder sees a caption x (B, L), the one description that training, scoring, the signal and
+    the samplers share. causal (ar, cappa's AR rows): input [BOS] + x[:-1], left-to-right attention, every real
+    token scored. Masked (mdc, cappa's parallel rows at t = 1): each token whose uniform r (B, L) is < t becomes
+    [MASK] (r None: every one), full attention, the masked tokens scored. The caption's length is decided here alone:
+    [PAD] is neither masked nor a key, so a masked decoder knows where the caption ends (the count of its keys);
+    --hide_length makes every position up to max_len a key and masks [PAD] like a word (LLaDA), so the decoder must
+    predict the length too. A causal decoder cannot see the pads: they come after every word it predicts."""
     real = x != PAD                                                         # (B, L) words and [EOS]
     if causal:
         return Feed(shift_right(x), real, True, real)
@@ -431,11 +429,10 @@ def z_penalty(logits, real, z_loss):
 
 
 def mdc_loss(model, imgs, x, noise, cfg):
-    """Masked diffusion captioning. x: (B, L) ids with [PAD]; noise: draw_noise's (u, caption). Mask every real
-    token with probability t ~ U(t_min, 1), predict the masked ones from the rest and the image, weight their
-    cross-entropy by 1/t. With t_min -> 0 this is the masked-diffusion bound on -log p(caption | image) per token
-    (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025); t_min > 0 leaves out the nearly unmasked captions, which
-    the text alone can fill in."""
+    """Masked diffusion captioning. x: (B, L) ids with [PAD]; noise: draw_noise's. Mask every real token with
+    probability t ~ U(t_min, 1), predict the masked ones from the rest and the image, weight their cross-entropy by
+    1/t. As t_min -> 0 this is the masked-diffusion bound on -log p(caption | image) per token (MDLM, Sahoo et al.
+    2024; LLaDA, Nie et al. 2025); t_min > 0 leaves out nearly unmasked captions, which the text alone can fill in."""
     t = sample_t(noise.u, cfg.t_min)                           # (B,) mask ratio per caption
     f = feed(x, cfg, t=t, r=noise.caption)                     # (B, L) x_t, its keys, the masked positions
     logits = model(imgs, f.inp, f.keys)                        # (B, L, V), bidirectional
@@ -454,12 +451,12 @@ def mdc_loss(model, imgs, x, noise, cfg):
 
 @torch.no_grad()
 def generate_mdc(model, imgs, length=None, steps=0, order="confidence", generator=None):
-    """MDC captions by iterative unmasking: start from L' [MASK] tokens and over `steps` rounds (0 = one token per
-    round) predict every masked position and commit a scheduled number of them, each as its most likely token:
-    the most confident first (MaskGIT, Chang et al. 2022), or in a random order (LLaDA's random remasking at
-    temperature 0; MDLM's ancestral sampler would instead draw the tokens and unmask a random number of them).
-    L' is `length` (an int or (B,)) or drawn from the model's caption-length prior, unless the model is not told
-    the length (feed): then it fills all max_len positions and writes the [PAD]s itself. (B, 3, S, S) -> (B, L')."""
+    """MDC captions by iterative unmasking, images (B, 3, S, S) -> ids (B, L'): from L' [MASK] tokens, over `steps`
+    rounds (0 = one token per round) predict every masked position and commit a scheduled number, each as its most
+    likely token: the most confident first (MaskGIT, Chang et al. 2022) or in random order (LLaDA's random remasking
+    at temperature 0; MDLM's ancestral sampler would draw the tokens and unmask a random number). L' is `length` (an
+    int or (B,)) or drawn from the length prior, unless the model is not told the length (feed): then it fills all
+    max_len positions, [PAD]s too."""
     v = model.encoder(imgs)                                             # (B, N, D)
     B, dev, L = len(imgs), imgs.device, model.cfg.max_len
     if length is None:
@@ -483,8 +480,7 @@ def generate_mdc(model, imgs, length=None, steps=0, order="confidence", generato
 
 @torch.no_grad()
 def generate_ar(model, imgs, max_len):
-    """Greedy left-to-right captions (ar, cappa): images (B, 3, S, S) -> ids (B, max_len); Tokenizer.decode stops
-    at [EOS]."""
+    """Greedy captions (ar, cappa): images (B, 3, S, S) -> ids (B, max_len); Tokenizer.decode stops at [EOS]."""
     v = model.encoder(imgs)                                             # (B, N, D)
     out = torch.full((len(imgs), max_len), MASK, dtype=torch.long, device=imgs.device)  # [MASK]: not written yet
     for k in range(max_len):  # causal: the positions after k cannot change position k
@@ -587,12 +583,11 @@ def time_embedding(t, dim):
 
 
 class PatchDecoder(nn.Module):
-    """The light decoder of the masked-image objectives (MAE, He et al. 2021, models_mae.py): the encoder's tokens
-    of the visible patches v (B, K, D) at indices keep (B, K) -> a prediction (B, N, out) for every patch. Masked
-    positions start as one learned mask token; fixed sin-cos positions tell them apart. time=True (umd): t (B,)
-    enters as a token prepended in every block (UMD's adaln=False variant: it needs no change to Block; UMD's
-    default is AdaLN). prompting=True (milan): only the mask tokens are updated; the visible ones stay fixed keys
-    and values (MILAN's "prompting decoder", models_milan.py)."""
+    """The light decoder of the masked-image objectives (MAE, He et al. 2021, models_mae.py): tokens of the visible
+    patches v (B, K, D) at indices keep (B, K) -> a prediction (B, N, out) for every patch. Masked positions start as
+    one learned mask token, told apart by fixed sin-cos positions. time=True (umd): t (B,) enters as a token prepended
+    in every block (UMD's adaln=False variant, no change to Block; UMD's default is AdaLN). prompting=True (milan):
+    only the mask tokens are updated, the visible ones stay fixed keys and values (MILAN's "prompting decoder")."""
 
     def __init__(self, cfg, out, depth, time=False, prompting=False):
         super().__init__()
@@ -712,11 +707,10 @@ def umd_loss(model, imgs, x, noise, cfg):
     MSE to the clean pixels x0 on masked patches); the other half is noised at a diffusion step t ~ U{0..999}
     (cosine schedule, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps) and 37.5% masked, and the decoder, told t,
     predicts eps on the visible patches and x0 on the masked ones, each half-weighted. Total 0.5 L_noised +
-    0.5 L_clean; pixels in [-1, 1], no per-patch normalisation. Two deviations: UMD also tells its encoder t,
-    here only the decoder is told, so the encoder is the shared ViT; and UMD's encoder carries class and register
-    tokens, whose mean feeds its decoder and is its probe feature, while this ViT has none: the decoder reads the
-    visible patch tokens, and the probe feature is ViT.features of the clean, unmasked image (UMD too probes at
-    t = 0, unmasked)."""
+    0.5 L_clean; pixels in [-1, 1], no per-patch normalisation. Two deviations: only the decoder is told t (UMD tells
+    its encoder too), so the encoder is the shared ViT; and this ViT has no class and register tokens (UMD's mean of
+    them feeds its decoder and is its probe feature): the decoder reads the visible patch tokens, and the probe
+    feature is ViT.features of the clean, unmasked image (UMD too probes at t = 0, unmasked)."""
     noised = noise.u < 0.5                                # (B,) half the global batch: exactly, with antithetic u, B even
     step = (2 * noise.u * 1000).long().clamp(max=999)     # (B,) t ~ U{0..999} for the noised rows
     abar = torch.where(noised, cosine_alpha_bar().to(noised.device)[step], 1.0).view(-1, 1, 1, 1)  # clean: 1
@@ -771,10 +765,10 @@ def proportional_keys(u, w):
 
 def milan_loss(model, imgs, x, noise, cfg):
     """MILAN (zejiangh/MILAN, models_milan.py): the targets are a frozen language-aligned teacher's patch features
-    (a clip/siglip checkpoint of this project, --teacher). 75% masked, semantic-aware: patches are ordered by
-    sampling without replacement in proportion to the teacher's importance, the first quarter stays visible, so
-    important patches are seen more often. The prompting decoder updates only the mask tokens. Loss
-    2 - 2 cos(prediction, target) averaged over all patch tokens, visible and masked, as MILAN's forward_loss."""
+    (--teacher, a clip/siglip run of this project). 75% masked, semantic-aware: patches are ordered by sampling without
+    replacement in proportion to the teacher's importance, the first quarter visible, so important patches are seen
+    more often; the prompting decoder updates only the mask tokens. Loss 2 - 2 cos(prediction, target) averaged over
+    all patch tokens, visible and masked, as MILAN's forward_loss."""
     target, importance = teacher_tokens(bare(model), imgs)                  # (B, N, Dt), (B, N)
     keep, _ = keep_first(proportional_keys(noise.patches, importance), cfg.mask_ratio)   # (B, K)
     pred = model(imgs, keep=keep)                                           # (B, N, Dt)
@@ -823,8 +817,7 @@ LOSSES = {"mdc": mdc_loss, "ar": ar_loss, "cappa": cappa_loss, "clip": clip_loss
 
 
 def build_model(cfg, vocab_size, len_hist=None, teacher_cfg=None):
-    """The Model of cfg.objective: MaskedImageModel for the masked-image objectives (milan needs its teacher's
-    Config), Model for the others."""
+    """The Model of cfg.objective, MaskedImageModel for the masked-image objectives (milan's needs its teacher's Config)."""
     return (MaskedImageModel if cfg.objective in MASKED_IMAGE else Model)(cfg, vocab_size, len_hist, teacher_cfg)
 
 
@@ -941,9 +934,8 @@ LOG_COLUMNS = ("step", "loss", "grad_norm_median", "grad_norm_max", "lr", "img_s
 
 
 def build(cfg, device):
-    """Everything a run needs before its first step: (model on device, optimizer, tokenizer, train set, val set, the
-    training captions the tokenizer was built from). The model is initialised from --init_seed (or --seed);
-    milan's frozen teacher is loaded from --teacher."""
+    """(model on device, optimizer, tokenizer, train set, val set, the training captions the tokenizer was built from):
+    the model initialised from --init_seed (or --seed), milan's frozen teacher loaded from --teacher."""
     torch.manual_seed(stream_seed(cfg, "init"))
     train_set, val_set, tok, caps = caption_data(cfg)
     clip, tcfg = load_teacher(cfg, device) if cfg.objective in TAUGHT else (None, None)
@@ -956,10 +948,9 @@ def build(cfg, device):
 
 
 def train(cfg, callback=None):
-    """Train cfg.objective from scratch or, with --resume, from out_dir/ckpt.pt. Every log interval a row (a dict
-    with the keys LOG_COLUMNS; val_loss where it was measured) goes to out_dir/log.csv and to callback(row).
-    Returns (model in eval mode, tokenizer, validation set) on the main process, None on the others (and bench's
-    figures with --bench)."""
+    """Train cfg.objective from scratch or, with --resume, from out_dir/ckpt.pt. Every log interval a row (a dict with
+    the keys LOG_COLUMNS; val_loss where measured) goes to out_dir/log.csv and to callback(row). Returns (model in
+    eval mode, tokenizer, validation set) on the main process, None on the others (bench's figures with --bench)."""
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ (DiT)
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -1122,8 +1113,7 @@ def read_checkpoint(path, device="cpu"):
 
 
 def load_checkpoint(path, device="cpu", ema=False):
-    """-> (model in eval mode, Config, Tokenizer, checkpoint dict); with ema, the model holds the moving average of
-    its weights (a run trained with --ema)."""
+    """-> (model in eval mode, Config, Tokenizer, checkpoint dict); ema=True loads --ema's moving average instead."""
     ckpt, cfg = read_checkpoint(path, device)
     tok = data.Tokenizer(ckpt["vocab"])
     teacher_cfg = Config(**ckpt["teacher_config"]) if ckpt.get("teacher_config") else None   # milan
@@ -1174,8 +1164,7 @@ def resumable(cfg, path):
 
 
 def restore(ckpt, path, model, opt, tok, cfg, device, master):
-    """(first step, the moving average of --ema or None): from the checkpoint of --resume, else (0, a copy of the
-    fresh weights)."""
+    """(first step, --ema's moving average or None) from --resume's checkpoint, else (0, a copy of the fresh weights)."""
     if ckpt is None:
         return 0, {k: v.clone() for k, v in model.state_dict().items()} if cfg.ema else None
     if ckpt["vocab"] != tok.itos:
@@ -1308,10 +1297,9 @@ FLOOR_INITS = (0, 1, 2)   # the random-init floor moves by points with the init 
 
 
 def quick_probe(model, cfg):
-    """Ridge probe on cfg.probe of the trained encoder, the same ViT at random initialisation (the mean over
-    FLOOR_INITS) and raw pixels, printed on one line; the closed-form fitter keeps it to seconds. The probe scenes
-    do not depend on the training seed, so seeds differ only in training. Returns {"trained": acc,
-    "random init": acc, "pixels": acc}, fractions."""
+    """Ridge probe on cfg.probe of the trained encoder, the same ViT at random init (the mean over FLOOR_INITS) and
+    raw pixels, printed on one line; the closed-form fitter keeps it to seconds. The probe scenes do not depend on the
+    training seed. Returns {"trained": acc, "random init": acc, "pixels": acc}, fractions."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     tr, te = (data.probe_dataset(cfg.probe, s, cfg.img_size, cfg.data_root, QUICK_PROBE_SEED) for s in ("train", "test"))
@@ -1417,19 +1405,14 @@ def ridge_probe(xtr, ytr, xte, yte, n_classes, grid=RIDGE_GRID, seed=0, log=prin
 # -----------------------------------------------------------------------------
 # The command line: flags -> Config, checked; then train, show captions, the end-of-run probe
 
-def config_help():
-    """Every flag with its default (with --model=tiny) and the comment beside its field in Config."""
-    notes = dict(re.findall(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    tiny = asdict(Config(**PRESETS["tiny"]))
-    return "\n".join(f"  {f'--{k}={v!r}':<28} {notes.get(k, '')}" for k, v in tiny.items())
-
-
 def parse_args(argv):
     """--key=value flags -> Config. --model=NAME applies a preset first; explicit flags win. A bad flag or value is a
     UsageError that names it; every check runs before any work starts."""
     names = {f.name: f for f in fields(Config)}
-    if "--help" in argv or "-h" in argv:
-        print("python mdc.py --key=value ...  (a bare --flag means --flag=True)\n" + config_help())
+    if "--help" in argv or "-h" in argv:  # every flag, its default (at --model=tiny) and the comment beside it in Config
+        notes = dict(re.findall(r"^\s+(\w+): \w+ = [^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+        flags = (f"  {f'--{k}={v!r}':<28} {notes.get(k, '')}" for k, v in asdict(Config(**PRESETS["tiny"])).items())
+        print("python mdc.py --key=value ...  (a bare --flag means --flag=True)\n" + "\n".join(flags))
         raise SystemExit(0)
     overrides = {}
     for arg in argv:
