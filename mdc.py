@@ -1281,9 +1281,7 @@ def bench(cfg, model, opt, tok, stream, rank=0, world=1):
 def random_encoder(cfg, seed, device):
     """The floor: the same ViT at its (seeded) random initialisation, in eval mode."""
     torch.manual_seed(seed)
-    enc = ViT(cfg)
-    enc.apply(Model._init)
-    return enc.to(device).eval()
+    return ViT(cfg).apply(Model._init).to(device).eval()
 
 
 def ridge_accuracy(featurize, train, test, n_classes, img_size, device, batch_size=256, num_workers=0, dtype="auto"):
