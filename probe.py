@@ -9,28 +9,21 @@ Judging a pre-trained image encoder once its decoder is thrown away.
 
 Every call prints one table, rows = encoders, columns = metrics; `random` (the same ViT at
 random initialisation) and `pixels` (raw pixels) are the floors every table should carry.
-- Linear probe on frozen features (mean of the final tokens after the final LayerNorm),
-  extracted once and cached on disk (an ImageFolder is decoded batch by batch in --num_workers
-  DataLoader workers and only the features are kept; at 224 px and above each image goes through the
-  standard evaluation transform, short side resized to 256 and a centre crop of 224; smaller sizes
-  take the whole short side): closed-form ridge regression (big_vision's fast few-shot probe,
-  `mdc.ridge_probe`, which `python mdc.py` also runs, by `mdc.quick_probe`) and L2-regularised multinomial
-  logistic regression fitted by L-BFGS, strength chosen on a stratified 10% hold-out and refitted
-  on all of the training set (CLIP's protocol).
-- Zero-shot classification, ARO-style compositionality and image-text retrieval, all by
-  scoring captions (RULES): mdc by minus its training loss (K Monte Carlo draws; the ELBO only as
-  t_min -> 0) or a cheaper rule, ar/cappa by the exact log-likelihood, clip/siglip/rils by cosine
-  similarity (mae, umd, milan have no text side: they get the linear probe only).
-- The visual signal per caption position (`--signal`, `--plot`): how much the true image
-  lowers the decoder's loss at each position against a mismatched image; and the largest
-  attention logit (`--logits`), a stability diagnostic.
+- Linear probe on frozen features (mean of the final tokens after the final LayerNorm), extracted
+  once and cached on disk (an ImageFolder decoded batch by batch in --num_workers workers; at 224 px
+  and above the standard evaluation transform, short side to 256 and a centre crop of 224): closed-form
+  ridge (big_vision's fast few-shot probe, `mdc.ridge_probe`, which `python mdc.py` also runs) and
+  L2-regularised multinomial logistic regression by L-BFGS, its strength chosen on a stratified 10%
+  hold-out and refitted on all of the training set (CLIP's protocol).
+- Zero-shot classification, ARO-style compositionality and image-text retrieval, all by scoring
+  captions (RULES): mdc by minus its training loss (K Monte Carlo draws; the ELBO only as t_min -> 0)
+  or a cheaper rule, ar/cappa by the exact log-likelihood, clip/siglip/rils by cosine similarity
+  (mae, umd, milan have no text side: they get the linear probe only).
+- The visual signal per caption position (`--signal`, `--plot`): how much the true image lowers the
+  decoder's loss at each position against a mismatched image; the largest attention logit (`--logits`).
+- Last, fenced: the summaries of many runs' result files (`--summary`, `--plot_vs`).
 
-- Last, fenced: the summaries of many runs' result files (`--summary`, `--plot_vs`): means and
-  paired intervals over seeds, the seeds and minutes a contrast needs, and the figures.
-
-Speed: `python probe.py --bench` times the L-BFGS sweep on 50,000 x 384 features, 100 classes.
-Imports run one way: probe -> mdc -> data (the ridge probe and feature extraction live in mdc.py, whose
-end-of-run check runs them).
+`python probe.py --bench` times the L-BFGS sweep. Imports run one way: probe -> mdc -> data.
 """
 import argparse
 import glob
@@ -84,17 +77,15 @@ def cached_features(key, compute, cache_dir):
 
 
 def logreg_fit(x, xt, y, lam, P, max_iter=500, tol=1e-5):
-    """Full-batch L-BFGS on mean CE + lam ||W||^2, run until converged. x: (N, D+1) with a ones
-    column last (the bias, not penalised), xt = x.T contiguous, P: (C, D+1) start point.
-    L-BFGS works on V = P / s, s = (kappa mean(x^2) + 2 lam)^(-1/2) per column, kappa = 1/C (the
-    softmax curvature at uniform predictions): the same objective and optimum, in coordinates where
-    the Hessian is near the identity when the columns are uncorrelated (logreg_probe rotates them so).
-    In raw coordinates the iterations grow with the condition number of the features' covariance,
-    and a fixed cap stopped weakly regularised fits far from their optimum.
-    Converged = max |dLoss/dV| <= tol: with the Hessian near the identity, loss - optimum is about
-    |dLoss/dV|^2 / 2, so tol means much the same on every feature set. float32 (the loss summed in
-    float64), finishing in float64 if the float32 line search can make no more progress.
-    Returns (P, info: evals, iterations, max |dLoss/dV| at P, converged)."""
+    """Full-batch L-BFGS on mean CE + lam ||W||^2, run until converged. x: (N, D+1) with a ones column
+    last (the bias, not penalised), xt = x.T contiguous, P: (C, D+1) start point. L-BFGS works on
+    V = P / s, s = (mean(x^2) / C + 2 lam)^(-1/2) per column (1/C: the softmax curvature at uniform
+    predictions): the same optimum, in coordinates where the Hessian is near the identity when the
+    columns are uncorrelated (logreg_probe rotates them so). In raw coordinates the iterations grow with
+    the features' condition number, and a fixed cap stopped weakly regularised fits far from their optimum.
+    Converged = max |dLoss/dV| <= tol, so tol means much the same on every feature set (loss - optimum is
+    about |dLoss/dV|^2 / 2). float32 (the loss summed in float64), finishing in float64 if the float32
+    line search can make no more progress. Returns (P, info: evals, iterations, max |dLoss/dV|, converged)."""
     C, N = P.shape[0], len(x)
     pen = torch.ones_like(P)
     pen[:, -1] = 0                                             # no penalty on the bias column
@@ -136,38 +127,63 @@ def with_bias(x):
 
 
 def pca_rotate(xtr, *others):
-    """Centre with the training mean and rotate onto the eigenvectors of the training covariance
-    (computed in float64, returned in float32). Not a whitening: a rotation changes neither the
-    predictions of a linear model nor ||W||^2 and the centring moves only the free bias, so the L2
-    problem is the same one; but the columns are now uncorrelated, which makes logreg_fit's
-    per-column preconditioner match the data part of the Hessian. It also matters for float32: a
-    weakly regularised W on ill-conditioned features has large components that cancel in x @ W,
-    beyond what float32 resolves; in the rotated coordinates nothing cancels."""
+    """Centre with the training mean and rotate onto the eigenvectors of the training covariance (in
+    float64, returned in float32). Not a whitening: the L2 problem is the same one (a rotation changes
+    neither a linear model's predictions nor ||W||^2, the centring moves only the free bias), but the
+    columns are uncorrelated, so logreg_fit's per-column preconditioner matches the data part of the
+    Hessian; and in float32 nothing cancels (a weakly regularised W on ill-conditioned features has
+    large components that cancel in x @ W beyond what float32 resolves)."""
     xd = xtr.double()
     m = xd.mean(0)
     _, Q = torch.linalg.eigh(xd.T @ xd / len(xd) - torch.outer(m, m))   # of the covariance, (D, D)
     return [((x.double() - m) @ Q).float() for x in (xtr, *others)]
 
 
+def pick_lambda(fit, grid, log):
+    """CLIP's sweep of lam = 10^e, e = grid[1] .. grid[0] (one per decade, strong to weak, each fit
+    warm-starting the next): fit(e, start weights or None) -> (weights, hold-out accuracy, converged).
+    The best hold-out accuracy wins among the converged fits (all of them if none converged: an
+    unconverged fit's accuracy says how far the optimiser got, not how good its lam is), ties to the
+    stronger regularisation; a pick on the edge of the grid extends it by 2 decades that way (and says
+    so). Returns (the best e, {e: hold-out accuracy}, {e: weights})."""
+    W, accs, stalled = {}, {}, set()
+
+    def sweep(exps, start):
+        for e in exps:
+            W[e], accs[e], ok = fit(e, start)
+            start = W[e]
+            if not ok:
+                stalled.add(e)
+
+    lo, hi = grid
+    sweep(range(hi, lo - 1, -1), None)
+    while True:
+        best = max([e for e in accs if e not in stalled] or list(accs), key=lambda e: (accs[e], e))
+        if best == min(accs) and best > -14:
+            log(f"best lam 1e{best} is the weakest tried; extending the grid to 1e{best - 2}")
+            sweep(range(best - 1, best - 3, -1), W[best])
+        elif best == max(accs) and best < 6:
+            log(f"best lam 1e{best} is the strongest tried; extending the grid to 1e{best + 2}")
+            sweep(range(best + 1, best + 3), W[best])
+        else:
+            return best, accs, W
+
+
 def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refit_iter=500,
                  seed=0, device="cpu", log=print):
-    """CLIP's protocol: sweep lam = 10^grid[1] .. 10^grid[0] (one per decade, strong to weak, each
-    fit warm-starting the next) on a stratified 10% hold-out, pick the best hold-out accuracy, then
-    refit on the whole training set. If the pick is on the edge of the grid, the grid is extended
-    by 2 decades that way (and it says so). Every fit runs to convergence (logreg_fit); one that
-    ends unconverged (at its cap, max_iter or refit_iter, or stalled even in float64) is reported
-    in the log, listed under 'logreg unconverged', and not a candidate for the pick. The penalty is on the weights of the
-    standardised features, as in the ridge probe (the PCA rotation leaves it unchanged): on those
-    features lam = 1 / (2 N C) in sklearn's terms, its default L2 penalty with a free intercept.
-    float32 on the device; the rotation, and a fit's last steps where needed, in float64."""
+    """CLIP's protocol: lam by pick_lambda on a stratified 10% hold-out, then a refit on the whole
+    training set. Every fit runs to convergence (logreg_fit); one that ends unconverged (at its cap,
+    max_iter or refit_iter, or stalled even in float64) is logged and listed under 'logreg unconverged'.
+    The penalty is on the weights of the standardised features, as in the ridge probe (the PCA rotation
+    leaves it unchanged): lam = 1 / (2 N C) in sklearn's terms, its default L2 penalty with a free
+    intercept. float32 on the device; the rotation, and a fit's last steps where needed, in float64."""
     t0 = time.perf_counter()
     xtr, xte = (with_bias(x) for x in pca_rotate(*standardize(xtr.float().to(device), xte.float().to(device))))
     ytr, yte = ytr.to(device), yte.to(device)
-    fit, hold = stratified_holdout(ytr.cpu(), 0.1, seed)
-    xf, yf, xh, yh = xtr[fit.to(device)], ytr[fit.to(device)], xtr[hold.to(device)], ytr[hold.to(device)]
+    fit, hold = (i.to(device) for i in stratified_holdout(ytr.cpu(), 0.1, seed))
+    xf, yf, xh, yh = xtr[fit], ytr[fit], xtr[hold], ytr[hold]
     xft = xf.T.contiguous()
-    P = {}                       # exponent -> fitted weights, for warm starts
-    accs, evals, unconverged, stalled = {}, 0, [], set()   # stalled: exponents whose hold-out fit did not converge
+    evals, unconverged = 0, []
 
     def fitted(x, xt, y, e, start, cap, what):
         nonlocal evals
@@ -179,29 +195,12 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refi
                 f"(max gradient {info['grad']:.1e})")
         return P, info["converged"]
 
-    def sweep(exps, start):
-        for e in exps:
-            P[e], ok = fitted(xf, xft, yf, e, start, max_iter, "hold-out fit")
-            start = P[e]
-            accs[e] = topk(xh @ P[e].T, yh)
-            if not ok:
-                stalled.add(e)
+    def holdout_fit(e, start):
+        start = torch.zeros(n_classes, xtr.shape[1], device=device) if start is None else start
+        P, ok = fitted(xf, xft, yf, e, start, max_iter, "hold-out fit")
+        return P, topk(xh @ P.T, yh), ok
 
-    lo, hi = grid
-    sweep(range(hi, lo - 1, -1), torch.zeros(n_classes, xtr.shape[1], device=device))
-    while True:
-        # lam is picked among the converged fits only: an unconverged fit's hold-out accuracy
-        # says how far the optimiser got, not how good that lam is (all of them if none converged)
-        pool = [e for e in accs if e not in stalled] or list(accs)
-        best = max(pool, key=lambda e: (accs[e], e))         # ties -> the stronger regularisation
-        if best == min(accs) and best > -14:
-            log(f"logreg: best lam 1e{best} is the weakest tried; extending the grid to 1e{best - 2}")
-            sweep(range(best - 1, best - 3, -1), P[best])
-        elif best == max(accs) and best < 6:
-            log(f"logreg: best lam 1e{best} is the strongest tried; extending the grid to 1e{best + 2}")
-            sweep(range(best + 1, best + 3), P[best])
-        else:
-            break
+    best, accs, P = pick_lambda(holdout_fit, grid, lambda s: log("logreg: " + s))
     W, _ = fitted(xtr, xtr.T.contiguous(), ytr, best, P[best], refit_iter, "refit")
     out = accuracies("logreg", xte @ W.T, yte, n_classes)
     return {**out, "logreg lambda": 10.0 ** best, "logreg holdout": {f"1e{e}": a for e, a in sorted(accs.items())},
@@ -209,13 +208,12 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refi
 
 
 def sklearn_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), seed=0, solver="lbfgs", at_lam=None):
-    """A reference for logreg_probe: scikit-learn's LogisticRegression (`solver`, tol 1e-6, up to 10^5
-    iterations, C = 1 / (2 N lam)) doing the same job on the same standardised features: the same
-    hold-out, grid, warm starts, edge rule and refit. Only for measuring (pip install scikit-learn);
-    the project does not depend on it. Counts the fits that ended with a ConvergenceWarning. With
-    at_lam (logreg_probe's pick) it also fits all of the training set at that lam, so the two fitters
-    are compared at the same regularisation. lbfgs can need 10^4-10^5 iterations at weak lam on
-    ill-conditioned features; newton-cholesky (second order) converges in a few."""
+    """A reference for logreg_probe, only for measuring (pip install scikit-learn; the project does not
+    depend on it): LogisticRegression (`solver`, tol 1e-6, up to 10^5 iterations, C = 1 / (2 N lam)) on
+    the same standardised features, hold-out, pick_lambda and refit; counts the fits that ended with a
+    ConvergenceWarning. With at_lam (logreg_probe's pick) it also fits all of the training set at that
+    lam, so the two fitters are compared at the same regularisation. lbfgs can need 10^4-10^5 iterations
+    at weak lam on ill-conditioned features; newton-cholesky (second order) converges in a few."""
     import warnings
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -223,12 +221,12 @@ def sklearn_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), seed=0, solver="l
     xtr, xte = (x.double().numpy() for x in standardize(xtr.float(), xte.float()))
     fit, hold = (i.numpy() for i in stratified_holdout(ytr, 0.1, seed))
     ytr, yte = ytr.numpy(), yte.numpy()
-    coefs, accs, unconverged = {}, {}, []
+    unconverged = []
 
     def fitted(x, y, e, start, what="hold-out fit"):
         m = LogisticRegression(C=1 / (2 * len(x) * 10.0 ** e), tol=1e-6, max_iter=100_000, warm_start=True, solver=solver)
         if start is not None:
-            m.coef_, m.intercept_ = (a.copy() for a in coefs[start])
+            m.coef_, m.intercept_ = (a.copy() for a in start)
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always", ConvergenceWarning)
             m.fit(x, y)
@@ -237,22 +235,12 @@ def sklearn_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), seed=0, solver="l
             unconverged.append(f"{what} 1e{e}")
         return m, ok
 
-    def sweep(exps, start):
-        for e in exps:
-            m, _ = fitted(xtr[fit], ytr[fit], e, start)
-            coefs[e], accs[e], start = (m.coef_, m.intercept_), float((m.predict(xtr[hold]) == ytr[hold]).mean()), e
+    def holdout_fit(e, start):  # every fit is a candidate for the pick: a ConvergenceWarning is only counted
+        m, _ = fitted(xtr[fit], ytr[fit], e, start)
+        return (m.coef_, m.intercept_), float((m.predict(xtr[hold]) == ytr[hold]).mean()), True
 
-    lo, hi = grid
-    sweep(range(hi, lo - 1, -1), None)
-    while True:  # the edge rule of logreg_probe
-        best = max(accs, key=lambda e: (accs[e], e))
-        if best == min(accs) and best > -14:
-            sweep(range(best - 1, best - 3, -1), best)
-        elif best == max(accs) and best < 6:
-            sweep(range(best + 1, best + 3), best)
-        else:
-            break
-    m, _ = fitted(xtr, ytr, best, best, "refit")
+    best, _, coefs = pick_lambda(holdout_fit, grid, lambda s: None)
+    m, _ = fitted(xtr, ytr, best, coefs[best], "refit")
     out = {"sklearn top1": float((m.predict(xte) == yte).mean()), "sklearn lambda": 10.0 ** best,
            "sklearn unconverged": unconverged, "sklearn seconds": time.perf_counter() - t0, "sklearn solver": solver}
     if at_lam is not None:  # from scratch, on all of the training set, at the other fitter's lam
@@ -300,19 +288,10 @@ def linear_probe(xtr, ytr, xte, yte, n_classes, fitter="both", device="cpu", log
 
 
 MDC_RULES = ("loss", "pll", "all")  # mdc.caption_logprob: minus the training loss, a pseudo-log-likelihood, all masked
-
-
-def rules_of(objective):
-    """How an objective's checkpoint scores a caption: the exact log-likelihood (causal captioners),
-    MDC_RULES (the other captioners), cosine similarity (contrastive), or not at all (no text side)."""
-    if objective in mdc.CAUSAL:
-        return ("exact",)
-    if objective in mdc.CAPTIONERS:
-        return MDC_RULES
-    return ("cos",) if objective in mdc.CONTRASTIVE else ()
-
-
-RULES = {o: rules_of(o) for o in mdc.OBJECTIVES}
+# how an objective's checkpoint scores a caption: the exact log-likelihood (causal captioners), MDC_RULES (the
+# other captioners), cosine similarity (contrastive), or not at all (no text side)
+RULES = {o: ("exact",) if o in mdc.CAUSAL else MDC_RULES if o in mdc.CAPTIONERS else ("cos",) if o in mdc.CONTRASTIVE else ()
+         for o in mdc.OBJECTIVES}
 
 
 @torch.no_grad()
@@ -455,42 +434,25 @@ def swap_relation(caption):
     return " ".join(w[:a] + w[b:b_end] + w[a_end:b] + w[a:a_end] + w[b_end:])
 
 
-def _resample(words, shuffle, rng, tries=20):
-    """A shuffle of the words that differs from the original (None if none was found)."""
-    if len(set(words)) < 2:
-        return None
-    for _ in range(tries):
-        out = shuffle(words, rng)
-        if out != words:
-            return " ".join(out)
-    return None
-
-
-def shuffle_words(caption, rng):
-    """All words in random order (ARO Order: shuffle everything)."""
-    return _resample(data.split_words(caption), lambda w, r: [w[i] for i in r.permutation(len(w))], rng)
-
-
-def shuffle_trigrams(caption, rng):
-    """Trigrams kept whole, their order shuffled (ARO's COCO/Flickr-Order)."""
-    def f(w, r):
-        tri = [w[i:i + 3] for i in range(0, len(w), 3)]
-        return [x for i in r.permutation(len(tri)) for x in tri[i]]
-    return _resample(data.split_words(caption), f, rng)
-
-
-def shuffle_within_trigrams(caption, rng):
-    """Words shuffled inside each trigram (ARO's COCO/Flickr-Order)."""
-    def f(w, r):
-        return [x for i in range(0, len(w), 3) for x in [w[i:i + 3][j] for j in r.permutation(len(w[i:i + 3]))]]
-    return _resample(data.split_words(caption), f, rng)
-
-
 def corruptions(caption, rng, synthetic=True):
-    """name -> corrupted caption (or None where impossible); every one keeps the bag of words.
-    Attribute and relation swaps need the synthetic grammar's noun phrases."""
-    out = {"word shuffle": shuffle_words(caption, rng), "trigram shuffle": shuffle_trigrams(caption, rng),
-           "within-trigram": shuffle_within_trigrams(caption, rng)}
+    """name -> corrupted caption (or None where impossible); every one keeps the bag of words: the words
+    shuffled (ARO Order), the trigrams kept whole in shuffled order and the words shuffled inside each
+    trigram (ARO's COCO/Flickr-Order), and with the synthetic grammar's noun phrases the attribute and
+    relation swaps. A shuffle is redrawn (up to 20 times) until it differs from the original."""
+    w = data.split_words(caption)
+    tri = [w[i:i + 3] for i in range(0, len(w), 3)]
+
+    def shuffled(draw):
+        if len(set(w)) < 2:
+            return None
+        for _ in range(20):
+            if (out := draw()) != w:
+                return " ".join(out)
+        return None
+
+    out = {"word shuffle": shuffled(lambda: [w[i] for i in rng.permutation(len(w))]),
+           "trigram shuffle": shuffled(lambda: [x for i in rng.permutation(len(tri)) for x in tri[i]]),
+           "within-trigram": shuffled(lambda: [t[j] for t in tri for j in rng.permutation(len(t))])}
     if synthetic:
         out = {"attr swap": swap_attributes(caption), "relation swap": swap_relation(caption), **out}
     return out
@@ -765,26 +727,23 @@ def timm_export(enc, cfg):
     sqrt(1e-6 / 1e-5) the residual stream is carried scaled by c (patch embedding, positions and every
     branch's output projection times c) and, with qk_norm, so are the queries and keys: every LayerNorm
     then gives what it gives here."""
-    eps = enc.ln.eps
-    c = math.sqrt(TIMM_LN_EPS / eps)
+    c = math.sqrt(TIMM_LN_EPS / enc.ln.eps)
     D = cfg.width
     t = lambda x, scale=1.0: (x.detach().float().cpu() * scale).contiguous()
     sd = {"patch_embed.proj.weight": t(enc.patch.weight, c), "patch_embed.proj.bias": t(enc.patch.bias, c),
           "pos_embed": t(enc.pos, c),                                          # (1, N, D), row-major as the patches
           "norm.weight": t(enc.ln.weight), "norm.bias": t(enc.ln.bias)}
     for i, blk in enumerate(enc.blocks):
-        p = f"blocks.{i}."
-        qk = torch.ones(3 * D, 1)                                            # rows of q, k, v in the fused qkv
+        # timm's name -> (this ViT's module, scale of its weight and bias)
+        parts = {"norm1": (blk.ln1, 1.0), "attn.qkv": (blk.attn.qkv, 1.0), "attn.proj": (blk.attn.proj, c),
+                 "norm2": (blk.ln2, 1.0), "mlp.fc1": (blk.mlp[0], 1.0), "mlp.fc2": (blk.mlp[2], c)}
         if cfg.qk_norm:
-            qk[:2 * D] = c                                                   # q_norm(c q) at c^2 eps = q_norm(q)
-            for n in ("q_norm", "k_norm"):
-                sd[p + f"attn.{n}.weight"], sd[p + f"attn.{n}.bias"] = t(getattr(blk.attn, n).weight), t(getattr(blk.attn, n).bias)
-        sd.update({p + "norm1.weight": t(blk.ln1.weight), p + "norm1.bias": t(blk.ln1.bias),
-                   p + "attn.qkv.weight": t(blk.attn.qkv.weight * qk), p + "attn.qkv.bias": t(blk.attn.qkv.bias * qk[:, 0]),
-                   p + "attn.proj.weight": t(blk.attn.proj.weight, c), p + "attn.proj.bias": t(blk.attn.proj.bias, c),
-                   p + "norm2.weight": t(blk.ln2.weight), p + "norm2.bias": t(blk.ln2.bias),
-                   p + "mlp.fc1.weight": t(blk.mlp[0].weight), p + "mlp.fc1.bias": t(blk.mlp[0].bias),
-                   p + "mlp.fc2.weight": t(blk.mlp[2].weight, c), p + "mlp.fc2.bias": t(blk.mlp[2].bias, c)})
+            parts = {"attn.q_norm": (blk.attn.q_norm, 1.0), "attn.k_norm": (blk.attn.k_norm, 1.0), **parts}
+        for name, (mod, scale) in parts.items():
+            sd[f"blocks.{i}.{name}.weight"], sd[f"blocks.{i}.{name}.bias"] = t(mod.weight, scale), t(mod.bias, scale)
+        if cfg.qk_norm:   # q_norm(c q) at c^2 eps = q_norm(q): the rows of q and k in the fused qkv times c
+            sd[f"blocks.{i}.attn.qkv.weight"][:2 * D] *= c
+            sd[f"blocks.{i}.attn.qkv.bias"][:2 * D] *= c
     mean, std = t(enc.mean).view(3, 1, 1), t(enc.std).view(3, 1, 1)
     # the name only selects timm's VisionTransformer; every size comes from kwargs
     name = {768: "vit_base_patch16_224"}.get(D, "vit_small_patch16_224")
