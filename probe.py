@@ -443,12 +443,8 @@ def corruptions(caption, rng, synthetic=True):
     tri = [w[i:i + 3] for i in range(0, len(w), 3)]
 
     def shuffled(draw):
-        if len(set(w)) < 2:
-            return None
-        for _ in range(20):
-            if (out := draw()) != w:
-                return " ".join(out)
-        return None
+        tries = (draw() for _ in range(20 if len(set(w)) > 1 else 0))
+        return next((" ".join(out) for out in tries if out != w), None)
 
     out = {"word shuffle": shuffled(lambda: [w[i] for i in rng.permutation(len(w))]),
            "trigram shuffle": shuffled(lambda: [x for i in rng.permutation(len(tri)) for x in tri[i]]),
@@ -567,10 +563,9 @@ def caption_signal(model, cfg, tok, val, n, K=4, seed=0, batch_size=128):
         d, c = signal_terms(model, cfg, data.to_input(imgs[i:j], cfg.img_size).to(device), x[i:j].to(device), None, K, g)
         diff[i:j], count[i:j] = d.float().cpu(), c.float().cpu()
     per_pos = diff.sum(0) / count.sum(0)                     # (L,)
-    early, middle, late = [None if v != v else v for v in signal_thirds(diff, count, x)]  # nan -> None for JSON
-    return {"signal early": early, "signal middle": middle, "signal late": late,
-            **signal_by_word_kind(diff, count, x, tok),
-            "signal per position": [None if v != v else v for v in per_pos.tolist()]}
+    json_safe = lambda vs: [None if v != v else v for v in vs]   # nan -> None for JSON
+    return {**dict(zip(("signal early", "signal middle", "signal late"), json_safe(signal_thirds(diff, count, x)))),
+            **signal_by_word_kind(diff, count, x, tok), "signal per position": json_safe(per_pos.tolist())}
 
 
 def signal_by_word_kind(diff, count, x, tok):
@@ -595,20 +590,20 @@ def attention_logit_max(model, cfg, imgs, x):
     bounds them. imgs (B, 3, S, S), x (B, L)."""
     peak = {"enc logit max": 0.0, "text logit max": 0.0}
 
-    def hook_for(key):
+    def hook_for(name):
+        key = "enc logit max" if name.startswith("encoder.") else "text logit max"
+
         def hook(mod, args, kwargs):
             q, k, _ = mod.heads_qkv(args[0], kwargs.get("ctx"))  # (B, H, T, hd), (B, H, S, hd)
             peak[key] = max(peak[key], ((q @ k.transpose(-1, -2)).abs().max() / q.shape[-1] ** 0.5).item())
         return hook
 
-    hooks = [m.register_forward_pre_hook(hook_for("enc logit max" if name.startswith("encoder.") else "text logit max"),
-                                         with_kwargs=True)
+    hooks = [m.register_forward_pre_hook(hook_for(name), with_kwargs=True)
              for name, m in model.named_modules() if isinstance(m, mdc.Attention)]
     try:
         v = model.encoder(imgs)                              # (B, N, D)
-        real = x != PAD
         if model.contrastive:
-            model.embed(v, x, real)
+            model.embed(v, x, x != PAD)
         else:                                                # the decoder's input in training
             f = mdc.feed(x, cfg, causal=cfg.objective in mdc.CAUSAL)   # causal, or every word masked
             model.decode(f.inp, v, f.keys, f.causal)
@@ -775,19 +770,14 @@ def pct(v):
 
 
 SIGNAL = ("signal early", "signal middle", "signal late", *(f"signal {k} word" for k in data.WORD_KINDS))  # nats, not %
-
-
 RAW = {**{k: "{:.3f}" for k in SIGNAL}, "enc logit max": "{:.1f}", "text logit max": "{:.1f}"}  # columns printed as they are
 
 
 def format_table(results):
     """Rows = encoders (plus one row per extra scoring rule of mdc), columns = metrics, in %."""
-    cols = []
-    for e in results["encoders"]:
-        for k, v in e["metrics"].items():
-            per_rule = isinstance(v, dict) and set(v) <= {r for rs in RULES.values() for r in rs}
-            if (per_rule or k.endswith(("top1", "top5")) or k in RAW) and k not in cols:
-                cols.append(k)
+    rule_names = {r for rs in RULES.values() for r in rs}
+    cols = list(dict.fromkeys(k for e in results["encoders"] for k, v in e["metrics"].items()   # in order of appearance
+                              if (isinstance(v, dict) and set(v) <= rule_names) or k.endswith(("top1", "top5")) or k in RAW))
     rows = []
     for e in results["encoders"]:
         m = e["metrics"]
@@ -850,69 +840,60 @@ def bench(n=50_000, d=384, c=100, device="cpu"):
 
 def parse(argv):
     p = data.ArgumentParser(prog="probe.py", description="linear probe, zero-shot, compositionality and retrieval of encoders")
-    p.add_argument("--ckpt", action="append", default=[], help="checkpoint path, ema:PATH (its --ema weights), 'random', 'random:SEED' or 'pixels'; repeatable")
-    p.add_argument("--dataset", default="shapes", help="probe dataset: shapes[:TASK[/SUBSET]], cifar10, cifar100, imagefolder:ROOT, "
-                   "imagenet:ROOT (read batch by batch; at 224 px and above short side to 256, centre crop 224)")
-    p.add_argument("--data_root", default="data")
-    p.add_argument("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded subset), imagenet100 "
-                   "(CMC's 100 classes), or a file of wnids")
-    p.add_argument("--per_class", type=int, default=0, help="cap on training images per class (0 = all)")
-    p.add_argument("--captions", default=None, help="caption dataset for compositionality and retrieval (default shapes)")
-    p.add_argument("--caption_tie", type=float, default=None,
-                   help="shapes: the --tie of the captions that compositionality, retrieval and the signal use (default: each "
-                        "model's own); 0 tells whether a model trained with a tie sees shape in the image, not only colour")
-    p.add_argument("--model", default="tiny", help="preset for 'random' when no checkpoint is given")
-    p.add_argument("--img_size", type=int, default=0, help="input size for 'random'/'pixels' when no checkpoint is given")
-    p.add_argument("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
-    p.add_argument("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"],
-                   help="sklearn: L-BFGS and, as a reference, scikit-learn doing the same job (pip install scikit-learn)")
-    p.add_argument("--sklearn_solver", default="lbfgs", choices=["lbfgs", "newton-cholesky"],
-                   help="--fitter=sklearn: scikit-learn's solver (newton-cholesky converges where lbfgs needs 10^5 iterations)")
-    p.add_argument("--zeroshot", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--compositional", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--signal", action=argparse.BooleanOptionalAction, default=None,
-                   help="visual signal per caption position (captioners; default on with captions)")
-    p.add_argument("--logits", action="store_true", help="largest attention logit on a caption batch (stability)")
-    p.add_argument("--plot", default=None, help="save the per-position visual signal of every captioner as a PNG here")
-    p.add_argument("--mdc_rules", default=",".join(MDC_RULES), help="mdc's scoring rules to run (pll costs a decoder pass per token)")
-    p.add_argument("--K", type=int, default=8, help="mdc: Monte Carlo (t, mask) draws per caption score")
-    p.add_argument("--n_eval", type=int, default=1000, help="images for zero-shot and compositionality")
-    p.add_argument("--n_retrieval", type=int, default=100, help="image-caption pairs for retrieval")
-    p.add_argument("--seed", type=int, default=0, help="probe data, hold-out split, random init, Monte Carlo draws")
-    p.add_argument("--cache_dir", default=".cache/features")
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, choices=mdc.DTYPES,
-                   help="precision of feature extraction and scoring (default: each checkpoint's own --dtype; auto = bf16 "
-                        "autocast on CUDA, fp32 on a CPU)")
-    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="imagefolder/imagenet: DataLoader workers that decode the images (0 = in this process)")
-    p.add_argument("--json", default=None, help="write the results and each checkpoint's config here")
-    p.add_argument("--plot_vs", default=None, help="no probing: plot --metrics of the --from_json results against this "
-                                                   "config field (e.g. tie, or step) into --plot")
-    p.add_argument("--bands", action="store_true", help="--plot_vs: draw the 95%% intervals as shaded bands, not error bars")
-    p.add_argument("--from_json", action="append", default=[], help="a results file of an earlier --json, or a quoted pattern of them ('results/default/*.json'); repeatable")
-    p.add_argument("--metrics", default="ridge top1", help="--plot_vs, --summary: comma-separated metric names, e.g. 'ridge top1,signal shape word'")
-    p.add_argument("--summary", default=None, help="no probing: n, mean, sd and 95%% interval of --metrics over the seeds of the "
-                                                   "--from_json runs, per group of these comma-separated flags (e.g. objective,t_min)")
-    p.add_argument("--diff", action="append", default=[], help="--summary: FLAG:A,B, the paired-by-seed difference (FLAG=A) - "
-                                                               "(FLAG=B) instead; twice: the interaction (a difference of differences)")
-    p.add_argument("--pool", default="", help="--summary: comma-separated flags whose runs of one seed may be averaged "
-                                               "(without it, runs that differ in a flag the grouping does not name are an error)")
-    p.add_argument("--seed_of", default="seed", choices=["seed", "init_seed", "data_seed", "noise_seed"],
-                   help="--summary: the flag that numbers the replicates (one random stream alone; -1 reads as --seed)")
-    p.add_argument("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
-    p.add_argument("--export_timm", default=None, metavar="PATH", help="no probing: write the --ckpt's encoder as a file for "
-                   "timm (model_name, kwargs, state_dict, mean, std; README.md says how to load it)")
+    arg = p.add_argument
+    # the encoders and the probe data
+    arg("--ckpt", action="append", default=[], help="checkpoint path, ema:PATH (its --ema weights), random, random:SEED or pixels; repeatable")
+    arg("--dataset", default="shapes", help="shapes[:TASK[/SUBSET]], cifar10, cifar100, imagefolder:ROOT or imagenet:ROOT")
+    arg("--data_root", default="data")
+    arg("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded), imagenet100 (CMC's) or a file of wnids")
+    arg("--per_class", type=int, default=0, help="cap on training images per class (0 = all)")
+    arg("--captions", default=None, help="caption dataset for compositionality, retrieval and the signal (default shapes)")
+    arg("--caption_tie", type=float, default=None, help="shapes: the --tie of those captions (default: each model's own; 0 tells "
+        "whether a model trained with a tie sees shape, not only colour)")
+    arg("--model", default="tiny", help="preset for 'random' when no checkpoint is given")
+    arg("--img_size", type=int, default=0, help="input size for 'random'/'pixels' when no checkpoint is given")
+    arg("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
+    # what runs
+    arg("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"], help="sklearn: L-BFGS and scikit-learn as a reference")
+    arg("--sklearn_solver", default="lbfgs", choices=["lbfgs", "newton-cholesky"], help="--fitter=sklearn: scikit-learn's solver")
+    for task in ("zeroshot", "compositional", "retrieval"):
+        arg(f"--{task}", action=argparse.BooleanOptionalAction, default=None)
+    arg("--signal", action=argparse.BooleanOptionalAction, default=None, help="visual signal per caption position (default on with captions)")
+    arg("--logits", action="store_true", help="largest attention logit on a caption batch (stability)")
+    arg("--plot", default=None, help="save the per-position visual signal of every captioner as a PNG here")
+    arg("--mdc_rules", default=",".join(MDC_RULES), help="mdc's scoring rules to run (pll costs a decoder pass per token)")
+    arg("--K", type=int, default=8, help="mdc: Monte Carlo (t, mask) draws per caption score")
+    arg("--n_eval", type=int, default=1000, help="images for zero-shot and compositionality")
+    arg("--n_retrieval", type=int, default=100, help="image-caption pairs for retrieval")
+    arg("--seed", type=int, default=0, help="probe data, hold-out split, random init, Monte Carlo draws")
+    arg("--cache_dir", default=".cache/features")
+    arg("--batch_size", type=int, default=256)
+    arg("--device", default="auto")
+    arg("--dtype", default=None, choices=mdc.DTYPES, help="of feature extraction and scoring (default: each checkpoint's own)")
+    arg("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="imagefolder/imagenet: decoding workers (0 = none)")
+    arg("--json", default=None, help="write the results and each checkpoint's config here")
+    # no probing: read the result files of earlier calls, or write a checkpoint's encoder for timm
+    arg("--plot_vs", default=None, help="plot --metrics of the --from_json results against this config field (e.g. tie) into --plot")
+    arg("--bands", action="store_true", help="--plot_vs: draw the 95%% intervals as shaded bands, not error bars")
+    arg("--from_json", action="append", default=[], help="a results file of --json, or a quoted pattern of them; repeatable")
+    arg("--metrics", default="ridge top1", help="--plot_vs, --summary: comma-separated metric names, e.g. 'ridge top1,zero-shot'")
+    arg("--summary", default=None, help="n, mean, sd and 95%% interval of --metrics over the seeds of the --from_json runs, "
+        "per group of these comma-separated flags")
+    arg("--diff", action="append", default=[], help="--summary: FLAG:A,B, the paired-by-seed difference (FLAG=A) - (FLAG=B) "
+        "instead; twice: the interaction")
+    arg("--pool", default="", help="--summary: comma-separated flags whose runs of one seed may be averaged (else an error)")
+    arg("--seed_of", default="seed", choices=["seed", "init_seed", "data_seed", "noise_seed"],
+        help="--summary: the flag that numbers the replicates (-1 reads as --seed)")
+    arg("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
+    arg("--export_timm", default=None, metavar="PATH", help="write the --ckpt's encoder as a file for timm (README.md)")
     a = p.parse_args(argv)
     a.classes = int(a.classes) if a.classes.isdigit() else a.classes
-    bad = [r for r in a.mdc_rules.split(",") if r not in MDC_RULES]
-    if bad:
+    if bad := [r for r in a.mdc_rules.split(",") if r not in MDC_RULES]:
         p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(MDC_RULES)}")
     for name, ok in (("K", a.K >= 1), ("n_eval", a.n_eval >= 1), ("n_retrieval", a.n_retrieval >= 2),
-                     ("batch_size", a.batch_size >= 1), ("num_workers", a.num_workers >= 0), ("per_class", a.per_class >= 0), ("pixel_size", a.pixel_size >= 1),
-                     ("img_size", a.img_size >= 0), ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
+                     ("batch_size", a.batch_size >= 1), ("num_workers", a.num_workers >= 0), ("per_class", a.per_class >= 0),
+                     ("pixel_size", a.pixel_size >= 1), ("img_size", a.img_size >= 0),
+                     ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
         if not ok:
             p.error(f"--{name}={getattr(a, name)} is out of range")
     if missing := [c for c in a.ckpt if c != "pixels" and not re.fullmatch(r"random(:\d+)?", c) and not os.path.isfile(ckpt_spec(c)[0])]:
@@ -929,19 +910,14 @@ def parse(argv):
     if a.export_timm:
         if len(a.ckpt) != 1 or a.ckpt[0] == "pixels" or a.ckpt[0].startswith("random"):
             p.error("--export_timm=PATH needs exactly one --ckpt=CHECKPOINT (a file written by mdc.py)")
-        folder = os.path.dirname(os.path.abspath(a.export_timm))
-        if os.path.isdir(a.export_timm) or not os.path.isdir(folder):
+        if os.path.isdir(a.export_timm) or not os.path.isdir(os.path.dirname(os.path.abspath(a.export_timm))):
             p.error(f"--export_timm={a.export_timm}: not a file path in an existing folder")
         return a
-    if a.summary is not None:
+    if a.summary is not None or a.plot_vs:   # --summary wins where both are given
+        if a.summary is None and not (a.from_json and a.plot):
+            p.error("--plot_vs needs --from_json=FILE (one or more) and --plot=FILE.png")
         if not a.from_json:
             p.error("--summary needs --from_json=FILE (one or more)")
-        if missing := [f for f in a.from_json if not os.path.isfile(f)]:
-            p.error(f"--from_json={missing[0]}: no such file")
-        return a
-    if a.plot_vs:
-        if not (a.from_json and a.plot):
-            p.error("--plot_vs needs --from_json=FILE (one or more) and --plot=FILE.png")
         if missing := [f for f in a.from_json if not os.path.isfile(f)]:
             p.error(f"--from_json={missing[0]}: no such file")
         return a
@@ -1090,10 +1066,8 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 def t975(df):
     """The 97.5% quantile of Student's t with df degrees of freedom: a two-sided 95% interval is
     mean +- t975(n - 1) * sd / sqrt(n). A table up to 30; above, z + (z^3 + z) / (4 df) (Cornish-Fisher)."""
-    if df < 1:
-        return float("nan")
     z = 1.959964
-    return T975[df - 1] if df <= len(T975) else z + (z ** 3 + z) / (4 * df)
+    return float("nan") if df < 1 else T975[df - 1] if df <= len(T975) else z + (z ** 3 + z) / (4 * df)
 
 
 def t_pvalue(t, df):
@@ -1120,7 +1094,7 @@ def mean_ci(values):
 
 def metric_value(m, metric, objective=None):
     """One metric of a metrics dict: accuracies in %, nats as they are; a per-rule metric (zero-shot,
-    swaps) at the objective's first rule. None where the run does not have it."""
+    swaps) at the objective's first rule (without an objective, the first that ran). None if absent."""
     v = m.get(metric)
     if isinstance(v, dict):
         v = v.get(RULES.get(objective, ("",))[0] if objective else "", next(iter(v.values()), None))
@@ -1129,10 +1103,8 @@ def metric_value(m, metric, objective=None):
 
 def run_flags(e, defaults, args=None):
     """The flags of one checkpoint's result: its config (a flag added to Config after the run takes its
-    default), the step of the checkpoint (--keep_ckpts: a run along training), which weights were
-    probed (final, or ema: the moving average of --ema), and the probe call's own dataset and caption
-    tie (`args`, the result's "args"), so that a split probe (shapes:shape/implied) or a signal on
-    untied captions is a group of its own and not averaged with the plain probe of the same run."""
+    default), its step (--keep_ckpts), the weights probed (final, or ema) and the probe call's dataset and
+    caption tie (`args`: a split probe or a signal on untied captions is a group of its own)."""
     args = args or {}
     tie = args.get("caption_tie")
     return {**defaults, **e["config"], "step": e.get("step"), "weights": e.get("weights", "final"),
@@ -1141,25 +1113,22 @@ def run_flags(e, defaults, args=None):
 
 def run_rows(results, metric, seed_of="seed"):
     """[(flags, seed, value, wall)] of one metric over the encoders of many results dicts. A checkpoint's
-    flags are its config; a floor's are {"objective": "random"} or {"objective": "pixels"} with
-    its init seed (--ckpt=random:S), so the floors are groups of their own. A flag that a result's
-    config lacks was added to Config after the run, and takes its default: a new flag's default is
-    the behaviour the code had before it (a run from before --hide_length is one with it off).
-    seed_of: the config field that numbers the replicates (init_seed, data_seed or noise_seed: one
-    random stream alone; -1 reads as --seed). wall: the run's training seconds plus its share of the
-    probe's, where the result file records them (None before it did)."""
+    flags are run_flags (a flag missing from an old result takes its default: a new flag's default is
+    the behaviour the code had before it); a floor's are {"objective": "random" or "pixels"} with its
+    init seed (--ckpt=random:S), a group of its own. seed_of: the config field that numbers the
+    replicates (one random stream alone; -1 reads as --seed). wall: the run's training seconds plus its
+    share of the probe's, where the result file records them (None before it did)."""
     rows, defaults = [], asdict(mdc.Config())
     for r in results:
         n_ckpt = sum(e["kind"] == "ckpt" for e in r["encoders"]) or 1
         for e in r["encoders"]:
-            wall = None
             if e["kind"] == "ckpt":
                 flags = run_flags(e, defaults, r.get("args"))
                 seed = flags[seed_of] if flags[seed_of] >= 0 else flags["seed"]
-                if (e.get("training") or {}).get("train_seconds") is not None and r.get("probe_seconds") is not None:
-                    wall = e["training"]["train_seconds"] + r["probe_seconds"] / n_ckpt
+                train_s, probe_s = (e.get("training") or {}).get("train_seconds"), r.get("probe_seconds")
+                wall = None if train_s is None or probe_s is None else train_s + probe_s / n_ckpt
             else:
-                flags, seed = {"objective": e["kind"]}, e.get("init_seed", 0)
+                flags, seed, wall = {"objective": e["kind"]}, e.get("init_seed", 0), None
             if (v := metric_value(e["metrics"], metric, e.get("objective"))) is not None:
                 rows.append((flags, seed, v, wall))
     return rows
@@ -1180,32 +1149,29 @@ def same(value, text):
 def mixed_flags(flag_sets, named):
     """{flag: [values]} of the flags in which runs of one cell (one group, one seed) differ, leaving out the
     flags named in the grouping and those that do not change the weights (mdc.BOOKKEEPING)."""
-    skip = set(named) | set(mdc.BOOKKEEPING)
-    keys = set().union(*flag_sets) - skip
+    keys = set().union(*flag_sets) - set(named) - set(mdc.BOOKKEEPING)
     vals = {k: sorted({json.dumps(f.get(k)) for f in flag_sets}) for k in keys}
     return {k: [json.loads(v) for v in vs] for k, vs in vals.items() if len(vs) > 1}
 
 
 def summarize(results, by, metric, diffs=(), pool=(), seed_of="seed", report=None):
     """Per group of the `by` flags: (n, mean, sd, 95% half-width) of metric over its seeds. With diffs
-    [(flag, a, b), ...]: the paired contrast instead, per group of the `by` flags that are not contrasted
-    and per seed that has every cell: A - B for one diff, (A1 - B1) - (A2 - B2) (the interaction) for two.
+    [(flag, a, b), ...]: the paired contrast instead, per group of the uncontrasted `by` flags and per
+    seed that has every cell: A - B for one diff, (A1 - B1) - (A2 - B2) (the interaction) for two.
     Runs of one seed in one cell that differ in a flag neither `by`, `diffs` nor `pool` names are an
-    error that lists the flags (name them to keep the runs apart); flags in `pool` are averaged over
-    within each seed, and report["pooled"] says over which values; report["reruns"] counts cells that
-    averaged runs of identical flags (reruns), report["walls"][group] the recorded seconds of its runs.
-    Returns {group tuple: (stats, {seed: value})}."""
+    error that lists the flags; over the flags in `pool` they are averaged (report["pooled"]: over which
+    values). report["reruns"] counts cells that averaged runs of identical flags, report["walls"][group]
+    holds the recorded seconds of its runs. Returns {group tuple: (stats, {seed: value})}."""
     report = {} if report is None else report
-    rows = run_rows(results, metric, seed_of)
     # seed_of numbers the replicates; under a stream's seed, runs of one replicate must share --seed too
     named = set(by) | {d[0] for d in diffs} | set(pool) | {seed_of}
-    key = lambda flags: tuple(flags.get(f, "-") for f in by if f not in [d[0] for d in diffs])
     cells = {}   # group -> seed -> cell (signs of the diffs; () without) -> [(flags, value, wall)]
-    for flags, seed, v, wall in rows:
+    for flags, seed, v, wall in run_rows(results, metric, seed_of):
         signs = tuple(1 if f in flags and same(flags[f], a) else -1 if f in flags and same(flags[f], b) else 0
                       for f, a, b in diffs)
         if 0 not in signs:
-            cells.setdefault(key(flags), {}).setdefault(seed, {}).setdefault(signs, []).append((flags, v, wall))
+            group = tuple(flags.get(f, "-") for f in by if f not in [d[0] for d in diffs])
+            cells.setdefault(group, {}).setdefault(seed, {}).setdefault(signs, []).append((flags, v, wall))
     report.setdefault("pooled", {}), report.setdefault("walls", {})
     report["reruns"] = 0
     for k, per_seed in cells.items():
@@ -1221,14 +1187,12 @@ def summarize(results, by, metric, diffs=(), pool=(), seed_of="seed", report=Non
                     report["pooled"].setdefault(f, set()).update(json.dumps(x) for x in vals)
                 ckpts = [f for f in flag_sets if f.get("objective") not in ("random", "pixels")]
                 report["reruns"] += len(ckpts) > 1 and not mixed_flags(ckpts, {seed_of})
-    cell_mean = lambda runs: float(np.mean([v for _, v, _ in runs]))
+    cell_mean = lambda runs: float(np.mean([v for _, v, _ in runs]))   # a seed's runs in one cell are averaged first
     out = {}
-    for k, per_seed in cells.items():   # a seed's runs in one cell are averaged first
-        if not diffs:
-            full = {s: cell_mean(c[()]) for s, c in per_seed.items()}
-        else:
-            full = {s: sum(float(np.prod(cell)) * cell_mean(runs) for cell, runs in c.items())
-                    for s, c in per_seed.items() if len(c) == 2 ** len(diffs)}  # every cell present
+    for k, per_seed in cells.items():
+        # the seeds with every cell; a contrast is the sum of the cells' means times the product of their signs
+        full = {s: sum(float(np.prod(cell)) * cell_mean(runs) for cell, runs in c.items()) if diffs else cell_mean(c[()])
+                for s, c in per_seed.items() if len(c) == 2 ** len(diffs)}
         if full:
             out[k] = (mean_ci(list(full.values())), full)
             report["walls"][k] = [w for s in full for runs in per_seed[s].values() for _, _, w in runs]
@@ -1271,62 +1235,47 @@ def summary_table(results, by, metric, diffs=(), pool=(), seed_of="seed"):
     lines += ["", "| " + " | ".join(cols + ["n", "mean", "sd", "95% interval"] + (["interval excludes 0", "p (paired t)"] if diffs else [])
                                     + (["seeds for ±3 / ±5", "2-core min for ±3 / ±5"] if settle else []) + ["per seed"]) + " |",
               "|" + "---|" * (len(cols) + 5 + 2 * bool(diffs) + 2 * bool(settle))]
-    fmt = ("{:+.2f}" if metric in RAW else "{:+.1f}") if diffs else "{:.2f}" if metric in RAW else "{:.1f}"
+    dp = 2 if metric in RAW else 1                            # decimals: nats, or points
+    fmt = ("{:+.%df}" if diffs else "{:.%df}") % dp
     order = lambda k: tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in k)   # 640 before 1280
     for k, ((n, m, sd, h), per_seed) in sorted(res.items(), key=lambda kv: order(kv[0])):
-        ci = "-" if h != h else f"{fmt.format(m)} ± {h:.{2 if metric in RAW else 1}f} [{fmt.format(m - h)}, {fmt.format(m + h)}]"
-        seeds = ", ".join(f"{s}: {fmt.format(v)}" for s, v in sorted(per_seed.items()))
-        sd_txt = "-" if sd != sd else f"{sd:.{2 if metric in RAW else 1}f}"
+        ci = "-" if h != h else f"{fmt.format(m)} ± {h:.{dp}f} [{fmt.format(m - h)}, {fmt.format(m + h)}]"
         p = t_pvalue(m / (sd / math.sqrt(n)) if sd > 0 else float("nan"), n - 1) if n > 1 else float("nan")
         verdict = ["-" if h != h else "yes" if abs(m) > h else "no: level", "-" if p != p else f"{p:.3f}"] if diffs else []
-        extra = []
-        if settle:
-            need = [seeds_needed(sd, w) for w in (3, 5)]
-            mins = [settle_minutes(x, 2 ** len(diffs), report["walls"][k]) for x in need]
-            extra = [" / ".join("-" if x is None else str(x) for x in need),
-                     " / ".join("-" if x is None else f"{x:.0f}" for x in mins)]
-        lines.append("| " + " | ".join([str(x) for x in k] + [str(n), fmt.format(m), sd_txt, ci] + verdict + extra + [seeds]) + " |")
+        need = [seeds_needed(sd, w) for w in (3, 5)] if settle else []
+        mins = [settle_minutes(x, 2 ** len(diffs), report["walls"][k]) for x in need]
+        extra = [" / ".join("-" if x is None else str(x) for x in need),
+                 " / ".join("-" if x is None else f"{x:.0f}" for x in mins)] if settle else []
+        seeds = ", ".join(f"{s}: {fmt.format(v)}" for s, v in sorted(per_seed.items()))
+        lines.append("| " + " | ".join([str(x) for x in k] + [str(n), fmt.format(m), "-" if sd != sd else f"{sd:.{dp}f}", ci]
+                                       + verdict + extra + [seeds]) + " |")
     return "\n".join(lines)
 
 
 def sweep_points(results, field, metric):
-    """The points of one metric of many runs (results dicts of earlier calls) against one config
-    field, e.g. tie, or against the training step of the checkpoints (field "step"). Returns (the other flags that differ between the runs, the seed aside;
-    {their values: {field value: [metric over seeds]}}; {floor kind: metric}), accuracies in %."""
-    encs = [e for r in results for e in r["encoders"]]
-    ckpts = [(e, r.get("args")) for r in results for e in r["encoders"] if e["kind"] == "ckpt"]   # with the probe call's args
-    runs = [e for e, _ in ckpts]
+    """The points of one metric of many runs (results dicts of earlier calls) against one config field,
+    e.g. tie, or the training step of the checkpoints (field "step", --keep_ckpts). Returns (the other
+    flags in which the runs differ, the seed aside; {their values: {field value: [metric over seeds]}};
+    {floor kind: metric, the mean over its init seeds}), accuracies in %, a per-rule metric at its first rule."""
     defaults = asdict(mdc.Config())
-    flags = [run_flags(e, defaults, a) for e, a in ckpts]
+    ckpts = [(e, run_flags(e, defaults, r.get("args"))) for r in results for e in r["encoders"] if e["kind"] == "ckpt"]
     fixed = (field, "seed", "step") + mdc.BOOKKEEPING   # runs differ by what was trained, not by how it was logged
-    varying = [k for k in (flags[0] if flags else ()) if k not in fixed and len({json.dumps(f.get(k)) for f in flags}) > 1]
-    scale = 1 if metric in RAW else 100
-    value = lambda v: next(iter(v.values()), None) if isinstance(v, dict) else v    # per-rule metrics: the first rule
-    groups = {}
-    for e, f in zip(runs, flags):
-        if (v := value(e["metrics"].get(metric))) is not None:
-            key = tuple(f.get(k) for k in varying)
-            x = f[field]   # step: checkpoints along one run (--keep_ckpts)
-            groups.setdefault(key, {}).setdefault(x, []).append(scale * v)
-    floor_runs = {}
-    for e in encs:
-        if e["kind"] in ("random", "pixels") and (v := value(e["metrics"].get(metric))) is not None:
-            floor_runs.setdefault(e["kind"], []).append(scale * v)
-    floors = {k: float(np.mean(v)) for k, v in floor_runs.items()}   # a random floor: the mean over its init seeds
-    return varying, groups, floors
-
-
-def objective_colour(objective):
-    """One colour per objective, the same in every panel and every figure."""
-    import matplotlib
-    return matplotlib.colormaps["tab10"](mdc.OBJECTIVES.index(objective) % 10) if objective in mdc.OBJECTIVES else "grey"
+    varying = [k for k in (ckpts[0][1] if ckpts else ()) if k not in fixed and len({json.dumps(f.get(k)) for _, f in ckpts}) > 1]
+    groups, floors = {}, {}
+    for e, f in ckpts:
+        if (v := metric_value(e["metrics"], metric)) is not None:
+            groups.setdefault(tuple(f.get(k) for k in varying), {}).setdefault(f[field], []).append(v)
+    for e in (e for r in results for e in r["encoders"] if e["kind"] in ("random", "pixels")):
+        if (v := metric_value(e["metrics"], metric)) is not None:
+            floors.setdefault(e["kind"], []).append(v)
+    return varying, groups, {k: float(np.mean(v)) for k, v in floors.items()}
 
 
 def plot_vs(results, field, metrics, path, bands=False):
     """One panel per metric against --field: a line per group of sweep_points (the mean over seeds,
     with its 95% interval as error bars, or a shaded band with bands, where there are 2 seeds or more,
-    n beside each point), one colour per objective, the floors (averaged over their init seeds) as
-    dashed lines."""
+    n beside each point), one colour per objective (the same in every panel and figure), the floors
+    (averaged over their init seeds) as dashed lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1340,14 +1289,15 @@ def plot_vs(results, field, metrics, path, bands=False):
             ys = np.array([m for _, m, _, _ in stats])
             err = np.array([0 if h != h else h for _, _, _, h in stats])
             obj = dict(zip(varying, key)).get("objective", results[0]["encoders"][0].get("objective"))
+            colour = matplotlib.colormaps["tab10"](mdc.OBJECTIVES.index(obj) % 10) if obj in mdc.OBJECTIVES else "grey"
             rest = tuple(v for k, v in zip(varying, key) if k != "objective")
             ls = styles.setdefault(rest, ("-", "--", ":", "-.")[len(styles) % 4])
             label = ", ".join(f"{k}={v}" for k, v in zip(varying, key)) or obj
             if bands:
-                ax.plot(xs, ys, marker="o", ms=4, ls=ls, color=objective_colour(obj), label=label)
-                ax.fill_between(xs, ys - err, ys + err, color=objective_colour(obj), alpha=0.15, lw=0)
+                ax.plot(xs, ys, marker="o", ms=4, ls=ls, color=colour, label=label)
+                ax.fill_between(xs, ys - err, ys + err, color=colour, alpha=0.15, lw=0)
             else:
-                ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, ls=ls, color=objective_colour(obj), label=label)
+                ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=3, ls=ls, color=colour, label=label)
             for x, y, (n, *_) in zip(xs, ys, stats):
                 ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
         for (kind, v), ls in zip(sorted(floors.items()), ("--", ":")):
