@@ -77,15 +77,13 @@ def cached_features(key, compute, cache_dir):
 
 
 def logreg_fit(x, xt, y, lam, P, max_iter=500, tol=1e-5):
-    """Full-batch L-BFGS on mean CE + lam ||W||^2, run until converged. x: (N, D+1) with a ones column
-    last (the bias, not penalised), xt = x.T contiguous, P: (C, D+1) start point. L-BFGS works on
-    V = P / s, s = (mean(x^2) / C + 2 lam)^(-1/2) per column (1/C: the softmax curvature at uniform
-    predictions): the same optimum, in coordinates where the Hessian is near the identity when the
-    columns are uncorrelated (logreg_probe rotates them so). In raw coordinates the iterations grow with
-    the features' condition number, and a fixed cap stopped weakly regularised fits far from their optimum.
-    Converged = max |dLoss/dV| <= tol, so tol means much the same on every feature set (loss - optimum is
-    about |dLoss/dV|^2 / 2). float32 (the loss summed in float64), finishing in float64 if the float32
-    line search can make no more progress. Returns (P, info: evals, iterations, max |dLoss/dV|, converged)."""
+    """Full-batch L-BFGS on mean CE + lam ||W||^2, run until converged. x: (N, D+1), a ones column last (the
+    free bias), xt = x.T contiguous, P: (C, D+1) start. It works on V = P / s, s = (mean(x^2) / C + 2 lam)^(-1/2)
+    per column (1/C: the softmax curvature at uniform predictions), where the Hessian is near the identity for
+    uncorrelated columns (logreg_probe rotates them so): in raw coordinates the iterations grow with the
+    features' condition number, and a fixed cap stopped weak-lam fits far from their optimum. Converged = max
+    |dLoss/dV| <= tol, alike on every feature set (loss - optimum ~ |dLoss/dV|^2 / 2). float32 (the loss summed
+    in float64), ending in float64 if float32's line search stalls. Returns (P, {evals, iters, grad, converged})."""
     C, N = P.shape[0], len(x)
     pen = torch.ones_like(P)
     pen[:, -1] = 0                                             # no penalty on the bias column
@@ -127,12 +125,11 @@ def with_bias(x):
 
 
 def pca_rotate(xtr, *others):
-    """Centre with the training mean and rotate onto the eigenvectors of the training covariance (in
-    float64, returned in float32). Not a whitening: the L2 problem is the same one (a rotation changes
-    neither a linear model's predictions nor ||W||^2, the centring moves only the free bias), but the
-    columns are uncorrelated, so logreg_fit's per-column preconditioner matches the data part of the
-    Hessian; and in float32 nothing cancels (a weakly regularised W on ill-conditioned features has
-    large components that cancel in x @ W beyond what float32 resolves)."""
+    """Centre on the training mean and rotate onto the training covariance's eigenvectors (float64 inside).
+    Not a whitening: the L2 problem is the same (a rotation changes neither predictions nor ||W||^2, the
+    centring moves only the free bias), but uncorrelated columns make logreg_fit's per-column preconditioner
+    match the Hessian, and in float32 nothing cancels (a weak-lam W on ill-conditioned features has large
+    components that cancel in x @ W beyond what float32 resolves)."""
     xd = xtr.double()
     m = xd.mean(0)
     _, Q = torch.linalg.eigh(xd.T @ xd / len(xd) - torch.outer(m, m))   # of the covariance, (D, D)
@@ -140,12 +137,11 @@ def pca_rotate(xtr, *others):
 
 
 def pick_lambda(fit, grid, log):
-    """CLIP's sweep of lam = 10^e, e = grid[1] .. grid[0] (one per decade, strong to weak, each fit
-    warm-starting the next): fit(e, start weights or None) -> (weights, hold-out accuracy, converged).
-    The best hold-out accuracy wins among the converged fits (all of them if none converged: an
-    unconverged fit's accuracy says how far the optimiser got, not how good its lam is), ties to the
-    stronger regularisation; a pick on the edge of the grid extends it by 2 decades that way (and says
-    so). Returns (the best e, {e: hold-out accuracy}, {e: weights})."""
+    """CLIP's sweep of lam = 10^e, e = grid[1] .. grid[0] (strong to weak, each fit warm-starting the next):
+    fit(e, start weights or None) -> (weights, hold-out accuracy, converged). The best accuracy among the
+    converged fits wins (all if none converged: an unconverged fit says how far the optimiser got, not how
+    good its lam is), ties to the stronger lam; a pick on the edge of the grid extends it 2 decades that
+    way (and says so). Returns (the best e, {e: hold-out accuracy}, {e: weights})."""
     W, accs, stalled = {}, {}, set()
 
     def sweep(exps, start):
@@ -169,8 +165,7 @@ def pick_lambda(fit, grid, log):
             return best, accs, W
 
 
-def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refit_iter=500,
-                 seed=0, device="cpu", log=print):
+def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refit_iter=500, seed=0, device="cpu", log=print):
     """CLIP's protocol: lam by pick_lambda on a stratified 10% hold-out, then a refit on the whole
     training set. Every fit runs to convergence (logreg_fit); one that ends unconverged (at its cap,
     max_iter or refit_iter, or stalled even in float64) is logged and listed under 'logreg unconverged'.
@@ -208,12 +203,11 @@ def logreg_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), max_iter=500, refi
 
 
 def sklearn_probe(xtr, ytr, xte, yte, n_classes, grid=(-7, 1), seed=0, solver="lbfgs", at_lam=None):
-    """A reference for logreg_probe, only for measuring (pip install scikit-learn; the project does not
-    depend on it): LogisticRegression (`solver`, tol 1e-6, up to 10^5 iterations, C = 1 / (2 N lam)) on
-    the same standardised features, hold-out, pick_lambda and refit; counts the fits that ended with a
-    ConvergenceWarning. With at_lam (logreg_probe's pick) it also fits all of the training set at that
-    lam, so the two fitters are compared at the same regularisation. lbfgs can need 10^4-10^5 iterations
-    at weak lam on ill-conditioned features; newton-cholesky (second order) converges in a few."""
+    """A reference for logreg_probe, only for measuring (pip install scikit-learn; the project does not need
+    it): LogisticRegression (`solver`, tol 1e-6, up to 10^5 iterations, C = 1 / (2 N lam)) on the same features,
+    hold-out, pick_lambda and refit, counting ConvergenceWarnings; with at_lam (logreg_probe's pick) also a fit
+    of all of train at that lam, to compare the fitters at one lam. lbfgs can need 10^4-10^5 iterations at
+    weak lam on ill-conditioned features; newton-cholesky (second order) converges in a few."""
     import warnings
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -355,14 +349,6 @@ def shapes_zeroshot(task, n, seed=0, order="color_first", alias=0, subset=None):
     return cands, torch.from_numpy(label(attrs).astype(np.int64))
 
 
-def class_names(ds):
-    """Readable class names of a probe dataset, or None (ImageNet wnids are not words)."""
-    names = getattr(ds, "classes", None)
-    if names is None or any(re.fullmatch(r"n\d{8}", c) for c in names):
-        return None
-    return [c.replace("_", " ") for c in names]
-
-
 def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=None):
     """Accuracy per scoring rule on (up to) n test images. None if the classes have no names."""
     kind, _, arg = spec.partition(":")
@@ -372,12 +358,12 @@ def zeroshot(model, cfg, tok, ds, spec, n, K=8, seed=0, batch_size=128, rules=No
         imgs = data.dataset_tensors(ds)[0][:n]
         assert torch.equal(labels, data.dataset_tensors(ds)[1][:n]), "data.shapes_probe changed; update shapes_zeroshot"
     else:
-        names = class_names(ds)
-        if names is None:
+        names = getattr(ds, "classes", None)
+        if names is None or any(re.fullmatch(r"n\d{8}", c) for c in names):   # ImageNet wnids are not words
             return None
         pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]  # a seeded subset
         imgs, labels = data.dataset_tensors(ds, pick)     # an ImageFolder: only these are decoded
-        cands = [[t.format(c) for c in names for t in TEMPLATES]] * len(labels)
+        cands = [[t.format(c.replace("_", " ")) for c in names for t in TEMPLATES]] * len(labels)
     out = {}
     for rule in rules or RULES[cfg.objective]:
         s = score_captions(model, cfg, tok, imgs, cands, rule, K, batch_size, seed)   # (B, C * templates)
@@ -514,7 +500,6 @@ def signal_terms(model, cfg, imgs, x, t=None, K=4, generator=None):
     Returns (diff (B, L), count (B, L))."""
     v = model.encoder(imgs)                                  # (B, N, D)
     v_wrong = v.roll(1, 0)                                   # every caption gets another image
-    real = x != PAD
     B, L = x.shape
     if cfg.objective not in mdc.CAPTIONERS:
         raise ValueError(f"{cfg.objective} has no caption decoder")
@@ -525,7 +510,7 @@ def signal_terms(model, cfg, imgs, x, t=None, K=4, generator=None):
         else:
             tt = torch.full((B,), float(t)) if t is not None else mdc.sample_t(torch.rand(B, generator=generator), cfg.t_min)
             f = mdc.feed(x, cfg, t=tt.to(x.device), r=torch.rand(B, L, generator=generator).to(x.device))
-        m = f.target & real                                  # the signal is measured at the caption's tokens
+        m = f.target & (x != PAD)                            # the signal is measured at the caption's tokens
         ce = lambda vv: mdc.token_ce(model.decode(f.inp, vv, f.keys, f.causal).float(), x)   # the same input, both images
         diff += (ce(v_wrong) - ce(v)) * m
         count += m
@@ -660,12 +645,11 @@ def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
             encs.append(dict(name=s, kind=kind, init_seed=int(init) if init else seed))
             continue
         path, ema = ckpt_spec(s)
-        weights = "ema" if ema else "final"
         model, cfg, tok, ckpt = mdc.load_checkpoint(path, device, ema=ema)
         st = os.stat(path)
         key = dict(path=os.path.abspath(path), size=st.st_size, mtime=st.st_mtime_ns, **({"weights": "ema"} if ema else {}))
         encs.append(dict(name=s, kind="ckpt", cfg=cfg, model=model, tok=tok, encoder=model.encoder, step=ckpt.get("step"),
-                         weights=weights, key=key, made=ckpt.get("provenance")))
+                         weights="ema" if ema else "final", key=key, made=ckpt.get("provenance")))
         ref = ref or cfg
     if ref is None:
         ref = mdc.parse_args([f"--model={preset}"] + ([f"--img_size={img_size}"] if img_size else []))
@@ -712,16 +696,13 @@ TIMM_LN_EPS = 1e-6  # timm's LayerNorm default (timm/layers/norm.py), which ever
 
 
 def timm_export(enc, cfg):
-    """The ViT `enc` as the contents of a file for timm: {model_name, kwargs, state_dict, mean, std}, with
+    """The ViT `enc` as a file for timm: {model_name, kwargs (plain values), state_dict, mean, std}, with
     timm.create_model(model_name, pretrained=False, **kwargs).load_state_dict(state_dict) (strict) a
     VisionTransformer whose forward_head(forward_features((images - mean) / std), pre_logits=True) is
-    enc.features(images) for images in [0, 1]: no class token, this ViT's fixed sin-cos positions as its
-    pos_embed, the final norm on the tokens before the mean (fc_norm=False). kwargs are plain values.
-    One difference needs the weights changed: timm's LayerNorm has eps 1e-6, this ViT's 1e-5. LayerNorm is
-    unchanged by scaling its input except through eps, LN_eps(x) = LN_{c^2 eps}(c x), so with c =
-    sqrt(1e-6 / 1e-5) the residual stream is carried scaled by c (patch embedding, positions and every
-    branch's output projection times c) and, with qk_norm, so are the queries and keys: every LayerNorm
-    then gives what it gives here."""
+    enc.features(images), images in [0, 1]: no class token, the fixed sin-cos positions as pos_embed, the
+    final norm before the mean (fc_norm=False). timm's LayerNorm eps is 1e-6, this ViT's 1e-5, and
+    LN_eps(x) = LN_{c^2 eps}(c x): with c = sqrt(1e-6 / 1e-5) the residual stream is carried times c (patch
+    embedding, positions, every branch's output projection) and, with qk_norm, so are the queries and keys."""
     c = math.sqrt(TIMM_LN_EPS / enc.ln.eps)
     D = cfg.width
     t = lambda x, scale=1.0: (x.detach().float().cpu() * scale).contiguous()
@@ -765,16 +746,13 @@ def export_timm(ckpt, path):
 # Table and JSON
 
 
-def pct(v):
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 SIGNAL = ("signal early", "signal middle", "signal late", *(f"signal {k} word" for k in data.WORD_KINDS))  # nats, not %
 RAW = {**{k: "{:.3f}" for k in SIGNAL}, "enc logit max": "{:.1f}", "text logit max": "{:.1f}"}  # columns printed as they are
 
 
 def format_table(results):
     """Rows = encoders (plus one row per extra scoring rule of mdc), columns = metrics, in %."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     rule_names = {r for rs in RULES.values() for r in rs}
     cols = list(dict.fromkeys(k for e in results["encoders"] for k, v in e["metrics"].items()   # in order of appearance
                               if (isinstance(v, dict) and set(v) <= rule_names) or k.endswith(("top1", "top5")) or k in RAW))
@@ -828,8 +806,7 @@ def bench(n=50_000, d=384, c=100, device="cpu"):
     x = means[y] + torch.randn(n + 10_000, d, generator=g)
     t0 = time.perf_counter()
     r = logreg_probe(x[:n], y[:n], x[n:], y[n:], c, device=torch.device(device))
-    dt = time.perf_counter() - t0
-    print(f"L-BFGS logistic-regression sweep on {n:,} x {d} features, {c} classes: {dt:.1f} s "
+    print(f"L-BFGS logistic-regression sweep on {n:,} x {d} features, {c} classes: {time.perf_counter() - t0:.1f} s "
           f"({r['logreg evals']} function evaluations, lam {r['logreg lambda']:.0e}, test top-1 "
           f"{100 * r['logreg top1']:.1f}%, unconverged fits: {', '.join(r['logreg unconverged']) or 'none'}) | {machine()}")
     t0 = time.perf_counter()
@@ -842,10 +819,10 @@ def parse(argv):
     p = data.ArgumentParser(prog="probe.py", description="linear probe, zero-shot, compositionality and retrieval of encoders")
     arg = p.add_argument
     # the encoders and the probe data
-    arg("--ckpt", action="append", default=[], help="checkpoint path, ema:PATH (its --ema weights), random, random:SEED or pixels; repeatable")
+    arg("--ckpt", action="append", default=[], help="checkpoint, ema:PATH (--ema weights), random[:SEED] or pixels; repeatable")
     arg("--dataset", default="shapes", help="shapes[:TASK[/SUBSET]], cifar10, cifar100, imagefolder:ROOT or imagenet:ROOT")
     arg("--data_root", default="data")
-    arg("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded), imagenet100 (CMC's) or a file of wnids")
+    arg("--classes", default="0", help="imagenet/imagefolder: a number of classes (seeded), imagenet100 (CMC) or a wnid file")
     arg("--per_class", type=int, default=0, help="cap on training images per class (0 = all)")
     arg("--captions", default=None, help="caption dataset for compositionality, retrieval and the signal (default shapes)")
     arg("--caption_tie", type=float, default=None, help="shapes: the --tie of those captions (default: each model's own; 0 tells "
@@ -854,11 +831,11 @@ def parse(argv):
     arg("--img_size", type=int, default=0, help="input size for 'random'/'pixels' when no checkpoint is given")
     arg("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
     # what runs
-    arg("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"], help="sklearn: L-BFGS and scikit-learn as a reference")
+    arg("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"], help="sklearn: also scikit-learn, to compare")
     arg("--sklearn_solver", default="lbfgs", choices=["lbfgs", "newton-cholesky"], help="--fitter=sklearn: scikit-learn's solver")
     for task in ("zeroshot", "compositional", "retrieval"):
         arg(f"--{task}", action=argparse.BooleanOptionalAction, default=None)
-    arg("--signal", action=argparse.BooleanOptionalAction, default=None, help="visual signal per caption position (default on with captions)")
+    arg("--signal", action=argparse.BooleanOptionalAction, default=None, help="the visual signal per caption position")
     arg("--logits", action="store_true", help="largest attention logit on a caption batch (stability)")
     arg("--plot", default=None, help="save the per-position visual signal of every captioner as a PNG here")
     arg("--mdc_rules", default=",".join(MDC_RULES), help="mdc's scoring rules to run (pll costs a decoder pass per token)")
@@ -873,7 +850,7 @@ def parse(argv):
     arg("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="imagefolder/imagenet: decoding workers (0 = none)")
     arg("--json", default=None, help="write the results and each checkpoint's config here")
     # no probing: read the result files of earlier calls, or write a checkpoint's encoder for timm
-    arg("--plot_vs", default=None, help="plot --metrics of the --from_json results against this config field (e.g. tie) into --plot")
+    arg("--plot_vs", default=None, help="plot --metrics of the --from_json runs against this field (e.g. tie) into --plot")
     arg("--bands", action="store_true", help="--plot_vs: draw the 95%% intervals as shaded bands, not error bars")
     arg("--from_json", action="append", default=[], help="a results file of --json, or a quoted pattern of them; repeatable")
     arg("--metrics", default="ridge top1", help="--plot_vs, --summary: comma-separated metric names, e.g. 'ridge top1,zero-shot'")
@@ -1112,12 +1089,10 @@ def run_flags(e, defaults, args=None):
 
 
 def run_rows(results, metric, seed_of="seed"):
-    """[(flags, seed, value, wall)] of one metric over the encoders of many results dicts. A checkpoint's
-    flags are run_flags (a flag missing from an old result takes its default: a new flag's default is
-    the behaviour the code had before it); a floor's are {"objective": "random" or "pixels"} with its
-    init seed (--ckpt=random:S), a group of its own. seed_of: the config field that numbers the
-    replicates (one random stream alone; -1 reads as --seed). wall: the run's training seconds plus its
-    share of the probe's, where the result file records them (None before it did)."""
+    """[(flags, seed, value, wall)] of one metric over the encoders of many results dicts: a checkpoint's flags
+    are run_flags (a new flag's default is the behaviour the code had before it), a floor's {"objective":
+    "random" or "pixels"} with its init seed. seed_of: the config field that numbers the replicates (-1 reads
+    as --seed). wall: training seconds plus a share of the probe's, where recorded (else None)."""
     rows, defaults = [], asdict(mdc.Config())
     for r in results:
         n_ckpt = sum(e["kind"] == "ckpt" for e in r["encoders"]) or 1
@@ -1210,14 +1185,6 @@ def seeds_needed(sd, half_width):
     return n
 
 
-def settle_minutes(n, cells, walls):
-    """Two-core minutes for n seeds of each of `cells` arms, two runs at a time, at the mean recorded
-    seconds of a run; None where a run's seconds are not recorded."""
-    if n is None or not walls or None in walls:
-        return None
-    return n * cells * float(np.mean(walls)) / 2 / 60
-
-
 def summary_table(results, by, metric, diffs=(), pool=(), seed_of="seed"):
     """summarize() as a markdown table: group, n, mean, sd, the 95% interval, and each seed's value. For a
     paired difference also the seeds per arm a 95% interval of +-3 and +-5 points needs at its sd, and what
@@ -1243,7 +1210,11 @@ def summary_table(results, by, metric, diffs=(), pool=(), seed_of="seed"):
         p = t_pvalue(m / (sd / math.sqrt(n)) if sd > 0 else float("nan"), n - 1) if n > 1 else float("nan")
         verdict = ["-" if h != h else "yes" if abs(m) > h else "no: level", "-" if p != p else f"{p:.3f}"] if diffs else []
         need = [seeds_needed(sd, w) for w in (3, 5)] if settle else []
-        mins = [settle_minutes(x, 2 ** len(diffs), report["walls"][k]) for x in need]
+        # two-core minutes for x seeds of each of the 2^len(diffs) arms, two runs at a time, at the mean recorded
+        # seconds of a run; None where a run's seconds are not recorded
+        walls = report["walls"][k]
+        mins = [None if x is None or not walls or None in walls else x * 2 ** len(diffs) * float(np.mean(walls)) / 2 / 60
+                for x in need]
         extra = [" / ".join("-" if x is None else str(x) for x in need),
                  " / ".join("-" if x is None else f"{x:.0f}" for x in mins)] if settle else []
         seeds = ", ".join(f"{s}: {fmt.format(v)}" for s, v in sorted(per_seed.items()))
