@@ -831,11 +831,14 @@ def parse(argv):
     arg("--img_size", type=int, default=0, help="input size for 'random'/'pixels' when no checkpoint is given")
     arg("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
     # what runs
-    arg("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"], help="sklearn: also scikit-learn, to compare")
-    arg("--sklearn_solver", default="lbfgs", choices=["lbfgs", "newton-cholesky"], help="--fitter=sklearn: scikit-learn's solver")
+    arg("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"],
+        help="sklearn: also scikit-learn (pip install), to compare")
+    arg("--sklearn_solver", default="lbfgs", choices=["lbfgs", "newton-cholesky"],
+        help="--fitter=sklearn: its solver (newton-cholesky converges fast)")
     for task in ("zeroshot", "compositional", "retrieval"):
         arg(f"--{task}", action=argparse.BooleanOptionalAction, default=None)
-    arg("--signal", action=argparse.BooleanOptionalAction, default=None, help="the visual signal per caption position")
+    arg("--signal", action=argparse.BooleanOptionalAction, default=None,
+        help="visual signal per caption position (on with captions)")
     arg("--logits", action="store_true", help="largest attention logit on a caption batch (stability)")
     arg("--plot", default=None, help="save the per-position visual signal of every captioner as a PNG here")
     arg("--mdc_rules", default=",".join(MDC_RULES), help="mdc's scoring rules to run (pll costs a decoder pass per token)")
@@ -846,19 +849,21 @@ def parse(argv):
     arg("--cache_dir", default=".cache/features")
     arg("--batch_size", type=int, default=256)
     arg("--device", default="auto")
-    arg("--dtype", default=None, choices=mdc.DTYPES, help="of feature extraction and scoring (default: each checkpoint's own)")
+    arg("--dtype", default=None, choices=mdc.DTYPES,
+        help="of features and scoring (default: each checkpoint's own; auto: bf16 on CUDA)")
     arg("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="imagefolder/imagenet: decoding workers (0 = none)")
     arg("--json", default=None, help="write the results and each checkpoint's config here")
     # no probing: read the result files of earlier calls, or write a checkpoint's encoder for timm
-    arg("--plot_vs", default=None, help="plot --metrics of the --from_json runs against this field (e.g. tie) into --plot")
+    arg("--plot_vs", default=None, help="plot --metrics of the --from_json runs against this field (tie, step, ...) into --plot")
     arg("--bands", action="store_true", help="--plot_vs: draw the 95%% intervals as shaded bands, not error bars")
-    arg("--from_json", action="append", default=[], help="a results file of --json, or a quoted pattern of them; repeatable")
+    arg("--from_json", action="append", default=[],
+        help="a results file of --json, or a quoted pattern ('results/default/*.json'); repeatable")
     arg("--metrics", default="ridge top1", help="--plot_vs, --summary: comma-separated metric names, e.g. 'ridge top1,zero-shot'")
     arg("--summary", default=None, help="n, mean, sd and 95%% interval of --metrics over the seeds of the --from_json runs, "
-        "per group of these comma-separated flags")
+        "per group of these comma-separated flags (e.g. objective,t_min)")
     arg("--diff", action="append", default=[], help="--summary: FLAG:A,B, the paired-by-seed difference (FLAG=A) - (FLAG=B) "
         "instead; twice: the interaction")
-    arg("--pool", default="", help="--summary: comma-separated flags whose runs of one seed may be averaged (else an error)")
+    arg("--pool", default="", help="--summary: flags over which a seed's runs may be averaged (else differing runs are an error)")
     arg("--seed_of", default="seed", choices=["seed", "init_seed", "data_seed", "noise_seed"],
         help="--summary: the flag that numbers the replicates (-1 reads as --seed)")
     arg("--bench", action="store_true", help="time the L-BFGS sweep on 50,000 x 384 features, 100 classes")
