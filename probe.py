@@ -11,17 +11,18 @@ Every call prints one table, rows = encoders, columns = metrics; `random` (the s
 random initialisation) and `pixels` (raw pixels) are the floors every table should carry.
 - Linear probe on frozen features (mean of the final tokens after the final LayerNorm), extracted
   once and cached on disk (an ImageFolder decoded batch by batch in --num_workers workers; at 224 px
-  and above the standard evaluation transform, short side to 256 and a centre crop of 224): closed-form
-  ridge (big_vision's fast few-shot probe, `mdc.ridge_probe`, which `python mdc.py` also runs) and
-  L2-regularised multinomial logistic regression by L-BFGS, its strength chosen on a stratified 10%
-  hold-out and refitted on all of the training set (CLIP's protocol).
+  and above the standard evaluation transform, short side to 256 and a centre crop of 224, below it the
+  whole short side): closed-form ridge (big_vision's fast few-shot probe, `mdc.ridge_probe`, which
+  `python mdc.py` also runs) and L2-regularised multinomial logistic regression by L-BFGS, its strength
+  chosen on a stratified 10% hold-out and refitted on all of the training set (CLIP's protocol).
 - Zero-shot classification, ARO-style compositionality and image-text retrieval, all by scoring
   captions (RULES): mdc by minus its training loss (K Monte Carlo draws; the ELBO only as t_min -> 0)
   or a cheaper rule, ar/cappa by the exact log-likelihood, clip/siglip/rils by cosine similarity
   (mae, umd, milan have no text side: they get the linear probe only).
 - The visual signal per caption position (`--signal`, `--plot`): how much the true image lowers the
   decoder's loss at each position against a mismatched image; the largest attention logit (`--logits`).
-- Last, fenced: the summaries of many runs' result files (`--summary`, `--plot_vs`).
+- Last, fenced: the summaries of many runs' result files (`--summary`, `--plot_vs`): means and paired
+  intervals over seeds, the seeds and minutes a contrast needs, and the figures.
 
 `python probe.py --bench` times the L-BFGS sweep. Imports run one way: probe -> mdc -> data.
 """
