@@ -153,16 +153,17 @@ def _hash_uniform(seed, idx, field):
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def scene_attributes(seed, idx, n_objects=None, tie=0.0, spread=None):
+def scene_attributes(seed, idx, n_objects=None, tie=0.0, spread=None, p_single=P_SINGLE):
     """Attributes of the scenes at indices idx (1-D array of ints): a dict of numpy arrays with
     K = MAX_OBJECTS object slots per scene: n (B,), shape, color, size, cell (B, K), jitter (B, K, 2),
     and spread (a number, default SPREAD): how far an object may sit from its cell's centre.
     tie: the probability that an object's shape is the one its colour implies (TIE_SHAPE), a
-    text prior: whoever has read the colour word can guess the shape word without the image."""
+    text prior: whoever has read the colour word can guess the shape word without the image.
+    p_single: the fraction of scenes with one object (n_objects, where given, fixes it instead)."""
     idx = np.asarray(idx, dtype=np.int64)
     B, K = len(idx), MAX_OBJECTS
     u = lambda f: _hash_uniform(seed, idx, f)
-    n = np.where(u(0) < P_SINGLE, 1, K) if n_objects is None else np.full(B, n_objects)
+    n = np.where(u(0) < p_single, 1, K) if n_objects is None else np.full(B, n_objects)
     color = np.stack([(u(20 + k) * len(COLORS)).astype(int) for k in range(K)], 1)
     free = np.stack([(u(10 + k) * len(SHAPES)).astype(int) for k in range(K)], 1)
     tied = np.stack([u(60 + k) < tie for k in range(K)], 1)             # (B, K)
@@ -247,20 +248,21 @@ def longest_caption(order="color_first", alias=0):
 class Shapes:
     """The built-in synthetic captioned dataset. Unlimited: index i is scene i.
     `batch(idx)` returns (images (B, 3, S, S) float in [0, 1], captions list of str).
-    tie, order and alias: the text prior, the word order and the shape's aliases (scene_attributes, describe)."""
+    tie, order and alias: the text prior, the word order and the shape's aliases (scene_attributes, describe);
+    p_single: the fraction of single-object scenes (the others have two)."""
     name = "shapes"
 
-    def __init__(self, seed=0, img_size=32, split="train", tie=0.0, order="color_first", alias=0):
+    def __init__(self, seed=0, img_size=32, split="train", tie=0.0, order="color_first", alias=0, p_single=P_SINGLE):
         # train and val draw from disjoint index ranges of the same generator: val starts at index 2^40,
         # which training (a step's batch of scenes at a time) never reaches
-        self.seed, self.img_size, self.tie, self.order, self.alias = seed, img_size, tie, order, alias
+        self.seed, self.img_size, self.tie, self.order, self.alias, self.p_single = seed, img_size, tie, order, alias, p_single
         self.offset = 0 if split == "train" else len(self)
 
     def __len__(self):
         return 1 << 40  # effectively unlimited
 
     def attributes(self, idx):
-        return scene_attributes(self.seed, np.asarray(idx, dtype=np.int64) + self.offset, tie=self.tie)
+        return scene_attributes(self.seed, np.asarray(idx, dtype=np.int64) + self.offset, tie=self.tie, p_single=self.p_single)
 
     def batch(self, idx, epoch=0):  # epoch: unused, every index is a new scene
         attrs = self.attributes(idx)
@@ -269,11 +271,12 @@ class Shapes:
 
     def vocab_captions(self, n=2000):
         """Enough captions to cover every word of the grammar, for Tokenizer.build."""
-        attrs = scene_attributes(self.seed, np.arange(n), tie=self.tie)
+        attrs = scene_attributes(self.seed, np.arange(n), tie=self.tie, p_single=self.p_single)
         return [describe(attrs, i, self.order, self.alias) for i in range(n)]
 
     def report(self):
-        return f"shapes: synthetic (tie {self.tie}, {self.order}, alias {self.alias}), generated on the fly, nothing skipped"
+        return (f"shapes: synthetic (tie {self.tie}, {self.order}, alias {self.alias}, single-object scenes {self.p_single}), "
+                "generated on the fly, nothing skipped")
 
 
 PROBE_TASKS = {  # name -> (number of classes, label of a single-object scene)
@@ -726,7 +729,7 @@ CAPTION_KINDS_LIST = ("shapes", "coco", "flickr", "csv", "wds", "cache")
 
 
 def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col="image", caption_col="caption", val_frac=0.05,
-                       tie=0.0, order="color_first", alias=0):
+                       tie=0.0, order="color_first", alias=0, p_single=P_SINGLE):
     """spec 'shapes' or 'KIND:PATH' -> (train, val) caption datasets.
     A caption dataset has __len__ (samples in an epoch), batch(idx, epoch) ->
     (images (B, 3, S, S) float32 in [0, 1], list of B caption strings),
@@ -734,7 +737,7 @@ def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col=
     -> one line saying what was skipped (printed here, once)."""
     kind, _, path = spec.partition(":")
     if kind == "shapes":
-        return Shapes(seed, img_size, "train", tie, order, alias), Shapes(seed, img_size, "val", tie, order, alias)
+        return tuple(Shapes(seed, img_size, split, tie, order, alias, p_single) for split in ("train", "val"))
     kw = dict(img_size=img_size, seed=seed, all_captions=all_captions)
     if kind in ("coco", "flickr", "csv", "wds") and not path:
         raise UsageError(f"--data={spec}: expected {kind}:PATH")

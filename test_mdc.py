@@ -1227,6 +1227,24 @@ def test_tie_rate_holds_in_a_large_sample():
         assert np.abs(np.bincount(a["color"].ravel(), minlength=6) / a["color"].size - 1 / 6).max() < 0.01
 
 
+def test_p_single_sets_the_share_of_one_object_scenes_and_the_default_world_is_unchanged():
+    idx = np.arange(20000)
+    hashed = data._hash_uniform(3, idx, 0) < 0.5             # the default's rule, written out: half the scenes
+    default = data.Shapes(seed=3).attributes(idx)
+    assert np.array_equal(default["n"] == 1, hashed)
+    for p in (0.0, 0.9, 1.0):
+        a = data.Shapes(seed=3, p_single=p).attributes(idx)
+        assert abs((a["n"] == 1).mean() - p) < 0.01, (p, (a["n"] == 1).mean())
+        for k in ("color", "size", "cell"):                 # only the object count follows p_single
+            assert np.array_equal(a[k], default[k]), k
+    caps = data.Shapes(seed=3, p_single=1.0).batch(np.arange(200))[1]
+    assert all(len(c.split()) == 4 for c in caps)            # "a small red circle": no second object, no relation
+    cfg = mdc.parse_args(["--p_single=0.9"])
+    assert mdc.caption_data(cfg)[0].p_single == 0.9 and mdc.caption_data(cfg)[1].p_single == 0.9
+    with pytest.raises(data.UsageError, match=r"--p_single=1.5: must be a fraction, in \[0, 1\]"):
+        mdc.parse_args(["--p_single=1.5"])
+
+
 def test_the_probe_sets_shape_is_independent_of_its_colour():
     _, y_shape, _, _, _ = data.shapes_probe("shape", 6000, 10)
     _, y_color, _, _, _ = data.shapes_probe("color", 6000, 10)
