@@ -153,13 +153,14 @@ def _hash_uniform(seed, idx, field):
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def scene_attributes(seed, idx, n_objects=None, tie=0.0, spread=None, p_single=P_SINGLE):
+def scene_attributes(seed, idx, n_objects=None, tie=0.0, spread=None, p_single=P_SINGLE, scale=1.0):
     """Attributes of the scenes at indices idx (1-D array of ints): a dict of numpy arrays with
     K = MAX_OBJECTS object slots per scene: n (B,), shape, color, size, cell (B, K), jitter (B, K, 2),
     and spread (a number, default SPREAD): how far an object may sit from its cell's centre.
     tie: the probability that an object's shape is the one its colour implies (TIE_SHAPE), a
     text prior: whoever has read the colour word can guess the shape word without the image.
-    p_single: the fraction of scenes with one object (n_objects, where given, fixes it instead)."""
+    p_single: the fraction of scenes with one object (n_objects, where given, fixes it instead); scale (a number):
+    the objects' radius is RADIUS times it."""
     idx = np.asarray(idx, dtype=np.int64)
     B, K = len(idx), MAX_OBJECTS
     u = lambda f: _hash_uniform(seed, idx, f)
@@ -173,7 +174,7 @@ def scene_attributes(seed, idx, n_objects=None, tie=0.0, spread=None, p_single=P
     keys = np.stack([u(40 + c) for c in range(GRID * GRID)], 1)       # (B, GRID*GRID)
     cell = np.argsort(keys, axis=1)[:, :K]                             # (B, K)
     jitter = np.stack([np.stack([u(50 + 2 * k), u(51 + 2 * k)], 1) for k in range(K)], 1)  # (B, K, 2)
-    return dict(n=n, shape=shape, color=color, size=size, cell=cell, jitter=jitter, spread=SPREAD if spread is None else spread,
+    return dict(n=n, shape=shape, color=color, size=size, cell=cell, jitter=jitter, spread=SPREAD if spread is None else spread, scale=scale,
                 u_text=np.stack([u(100 + j) for j in range(4)], 1))  # (B, 4) draws for the grammar
 
 
@@ -182,7 +183,7 @@ def render(attrs, img_size=32, seed=0, idx=None):
     B, K = attrs["shape"].shape
     S = img_size
     cell_px = S / GRID
-    radius = np.where(attrs["size"] == 1, RADIUS[1], RADIUS[0]) * cell_px                       # (B, K)
+    radius = np.where(attrs["size"] == 1, RADIUS[1], RADIUS[0]) * cell_px * attrs["scale"]      # (B, K)
     # object centres in pixels: the cell centre, moved by up to spread x the room the object has in its cell
     room = attrs["spread"] * np.maximum(cell_px / 2 - 1.05 * radius, 0)                         # (B, K)
     cy = (attrs["cell"] // GRID + 0.5) * cell_px + room * (2 * attrs["jitter"][..., 0] - 1)
@@ -249,20 +250,23 @@ class Shapes:
     """The built-in synthetic captioned dataset. Unlimited: index i is scene i.
     `batch(idx)` returns (images (B, 3, S, S) float in [0, 1], captions list of str).
     tie, order and alias: the text prior, the word order and the shape's aliases (scene_attributes, describe);
-    p_single: the fraction of single-object scenes (the others have two)."""
+    p_single: the fraction of single-object scenes (the others have two); obj_scale: the objects' radius is RADIUS
+    times it (the probe's scenes, shapes_probe, keep RADIUS)."""
     name = "shapes"
 
-    def __init__(self, seed=0, img_size=32, split="train", tie=0.0, order="color_first", alias=0, p_single=P_SINGLE):
+    def __init__(self, seed=0, img_size=32, split="train", tie=0.0, order="color_first", alias=0, p_single=P_SINGLE, obj_scale=1.0):
         # train and val draw from disjoint index ranges of the same generator: val starts at index 2^40,
         # which training (a step's batch of scenes at a time) never reaches
-        self.seed, self.img_size, self.tie, self.order, self.alias, self.p_single = seed, img_size, tie, order, alias, p_single
+        self.seed, self.img_size, self.tie, self.order, self.alias = seed, img_size, tie, order, alias
+        self.p_single, self.obj_scale = p_single, obj_scale
         self.offset = 0 if split == "train" else len(self)
 
     def __len__(self):
         return 1 << 40  # effectively unlimited
 
     def attributes(self, idx):
-        return scene_attributes(self.seed, np.asarray(idx, dtype=np.int64) + self.offset, tie=self.tie, p_single=self.p_single)
+        return scene_attributes(self.seed, np.asarray(idx, dtype=np.int64) + self.offset, tie=self.tie, p_single=self.p_single,
+                                scale=self.obj_scale)
 
     def batch(self, idx, epoch=0):  # epoch: unused, every index is a new scene
         attrs = self.attributes(idx)
@@ -275,7 +279,8 @@ class Shapes:
         return [describe(attrs, i, self.order, self.alias) for i in range(n)]
 
     def report(self):
-        return (f"shapes: synthetic (tie {self.tie}, {self.order}, alias {self.alias}, single-object scenes {self.p_single}), "
+        return (f"shapes: synthetic (tie {self.tie}, {self.order}, alias {self.alias}, single-object scenes {self.p_single}, "
+                f"object scale {self.obj_scale}), "
                 "generated on the fly, nothing skipped")
 
 
@@ -729,7 +734,7 @@ CAPTION_KINDS_LIST = ("shapes", "coco", "flickr", "csv", "wds", "cache")
 
 
 def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col="image", caption_col="caption", val_frac=0.05,
-                       tie=0.0, order="color_first", alias=0, p_single=P_SINGLE):
+                       tie=0.0, order="color_first", alias=0, p_single=P_SINGLE, obj_scale=1.0):
     """spec 'shapes' or 'KIND:PATH' -> (train, val) caption datasets.
     A caption dataset has __len__ (samples in an epoch), batch(idx, epoch) ->
     (images (B, 3, S, S) float32 in [0, 1], list of B caption strings),
@@ -737,7 +742,7 @@ def build_caption_data(spec, img_size=32, seed=0, all_captions=False, image_col=
     -> one line saying what was skipped (printed here, once)."""
     kind, _, path = spec.partition(":")
     if kind == "shapes":
-        return tuple(Shapes(seed, img_size, split, tie, order, alias, p_single) for split in ("train", "val"))
+        return tuple(Shapes(seed, img_size, split, tie, order, alias, p_single, obj_scale) for split in ("train", "val"))
     kw = dict(img_size=img_size, seed=seed, all_captions=all_captions)
     if kind in ("coco", "flickr", "csv", "wds") and not path:
         raise UsageError(f"--data={spec}: expected {kind}:PATH")

@@ -80,6 +80,7 @@ class Config:
     order: str = "color_first"  # shapes: color_first ("a small red circle") | shape_first ("a small circle in red")
     alias: int = 0              # shapes: r made-up words after each shape word, a fixed function of it (redundancy in the text alone)
     p_single: float = 0.5       # shapes: the fraction of training scenes with one object (the others have two; the probe's have one)
+    obj_scale: float = 1.0      # shapes: the training objects' radius x this (the probe's objects keep theirs)
     alias_loss: bool = True     # ar with --alias: False leaves the alias words out of the loss (a control for their dilution)
     cappa_frac: float = 0.75    # cappa: fraction of examples with all tokens masked (parallel prediction)
     freeze_encoder: bool = False  # train the text side only, on the ViT at its random init (a text-prior floor)
@@ -872,7 +873,8 @@ def caption_data(cfg):
     """(train set, val set, tokenizer, the training captions): the tokenizer is built from them."""
     train, val = data.build_caption_data(cfg.data, img_size=cfg.img_size, seed=stream_seed(cfg, "data"), all_captions=cfg.all_captions,
                                          image_col=cfg.image_col, caption_col=cfg.caption_col, val_frac=cfg.val_frac,
-                                         tie=cfg.tie, order=cfg.order, alias=cfg.alias, p_single=cfg.p_single)
+                                         tie=cfg.tie, order=cfg.order, alias=cfg.alias, p_single=cfg.p_single,
+                                         obj_scale=cfg.obj_scale)
     caps = train.vocab_captions()
     return train, val, data.Tokenizer.build(caps, cfg.vocab_min_count), caps
 
@@ -1445,7 +1447,7 @@ def check_config(c):
         ("mdc_weight", c.mdc_weight in ("elbo", "none"), "elbo or none"),
         ("sample_order", c.sample_order in ("confidence", "random"), "confidence or random"),
         ("order", c.order in data.ORDERS, " or ".join(data.ORDERS)), ("tie", 0 <= c.tie <= 1, "a probability, in [0, 1]"),
-        ("p_single", 0 <= c.p_single <= 1, "a fraction, in [0, 1]"),
+        ("p_single", 0 <= c.p_single <= 1, "a fraction, in [0, 1]"), ("obj_scale", 0 < c.obj_scale <= 2, "in (0, 2]"),
         ("alias", 0 <= c.alias <= data.MAX_ALIAS and (c.alias == 0 or kind == "shapes"),
          f"in 0..{data.MAX_ALIAS}, and 0 unless --data=shapes"),
         ("alias", kind != "shapes" or c.alias == 0 or data.longest_caption(c.order, c.alias) < c.max_len,

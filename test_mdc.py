@@ -1245,6 +1245,21 @@ def test_p_single_sets_the_share_of_one_object_scenes_and_the_default_world_is_u
         mdc.parse_args(["--p_single=1.5"])
 
 
+def test_obj_scale_grows_the_training_objects_alone():
+    idx = np.arange(64)
+    base, big = data.Shapes(seed=4), data.Shapes(seed=4, obj_scale=1.25)
+    (ib, cb), (ig, cg) = base.batch(idx), big.batch(idx)
+    assert cb == cg                                              # the same scenes and captions, larger objects
+    area = lambda imgs: (imgs.max(1).values - imgs.min(1).values > 0.3).float().sum((1, 2))   # (B,) coloured pixels
+    ratio = (area(ig) / area(ib)).median().item()
+    assert 1.3 < ratio < 1.8, ratio                              # area grows as the radius squared: 1.56
+    ref = data.render(data.scene_attributes(4, idx), 32, 4, idx)  # the default is RADIUS itself, bit for bit
+    assert torch.equal(ib, ref)
+    assert mdc.caption_data(mdc.parse_args(["--obj_scale=1.25"]))[0].obj_scale == 1.25
+    with pytest.raises(data.UsageError, match=r"--obj_scale=0.0: must be in \(0, 2\]"):
+        mdc.parse_args(["--obj_scale=0"])
+
+
 def test_the_probe_sets_shape_is_independent_of_its_colour():
     _, y_shape, _, _, _ = data.shapes_probe("shape", 6000, 10)
     _, y_color, _, _, _ = data.shapes_probe("color", 6000, 10)
