@@ -1,4 +1,4 @@
-"""The tests, on a CPU in a few minutes (90 to 170 s on two idle cores). Each compares against an
+"""The tests, on a CPU in a few minutes (70 to 170 s on two cores). Each compares against an
 independent computation, a known value (ln V) or a property (nothing leaks through a mask), never
 against a number the code itself printed. Sections: mdc.py (objectives, masks, learning, training loop), data.py
 (loaders on fixtures the tests write, bad input, the batch stream, the cache), probe.py
