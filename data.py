@@ -174,7 +174,8 @@ def scene_attributes(seed, idx, n_objects=None, tie=0.0, spread=None, p_single=P
     keys = np.stack([u(40 + c) for c in range(GRID * GRID)], 1)       # (B, GRID*GRID)
     cell = np.argsort(keys, axis=1)[:, :K]                             # (B, K)
     jitter = np.stack([np.stack([u(50 + 2 * k), u(51 + 2 * k)], 1) for k in range(K)], 1)  # (B, K, 2)
-    return dict(n=n, shape=shape, color=color, size=size, cell=cell, jitter=jitter, spread=SPREAD if spread is None else spread, scale=scale,
+    return dict(n=n, shape=shape, color=color, size=size, cell=cell, jitter=jitter,
+                spread=SPREAD if spread is None else spread, scale=scale,
                 u_text=np.stack([u(100 + j) for j in range(4)], 1))  # (B, 4) draws for the grammar
 
 
@@ -280,8 +281,7 @@ class Shapes:
 
     def report(self):
         return (f"shapes: synthetic (tie {self.tie}, {self.order}, alias {self.alias}, single-object scenes {self.p_single}, "
-                f"object scale {self.obj_scale}), "
-                "generated on the fly, nothing skipped")
+                f"object scale {self.obj_scale}), generated on the fly, nothing skipped")
 
 
 PROBE_TASKS = {  # name -> (number of classes, label of a single-object scene)

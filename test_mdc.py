@@ -1239,8 +1239,8 @@ def test_p_single_sets_the_share_of_one_object_scenes_and_the_default_world_is_u
             assert np.array_equal(a[k], default[k]), k
     caps = data.Shapes(seed=3, p_single=1.0).batch(np.arange(200))[1]
     assert all(len(c.split()) == 4 for c in caps)            # "a small red circle": no second object, no relation
-    cfg = mdc.parse_args(["--p_single=0.9"])
-    assert mdc.caption_data(cfg)[0].p_single == 0.9 and mdc.caption_data(cfg)[1].p_single == 0.9
+    train, val = mdc.caption_data(mdc.parse_args(["--p_single=0.9"]))[:2]
+    assert train.p_single == val.p_single == 0.9
     with pytest.raises(data.UsageError, match=r"--p_single=1.5: must be a fraction, in \[0, 1\]"):
         mdc.parse_args(["--p_single=1.5"])
 
