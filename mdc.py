@@ -60,7 +60,7 @@ class Config:
     num_workers: int = 0        # DataLoader workers for image decoding (real data)
     # encoder (ViT) and decoder sizes
     img_size: int = 32          # input images are img_size x img_size pixels
-    patch_size: int = 4         # ViT patches of patch_size x patch_size pixels
+    patch_size: int = 8         # ViT patches of patch_size x patch_size pixels
     width: int = 128            # encoder and decoder width (CapPa uses one width for both)
     enc_depth: int = 4          # ViT blocks
     dec_depth: int = 2          # text transformer blocks (decoder, or CLIP text encoder)
@@ -94,7 +94,7 @@ class Config:
     teacher: str = ""           # milan: a clip or siglip checkpoint of this project, same data, img_size and patch_size
     # optimisation
     batch_size: int = 128       # global batch, split across DDP processes
-    steps: int = 640            # optimisation steps (the cosine schedule ends here)
+    steps: int = 1920           # optimisation steps (the cosine schedule ends here; RESULTS.md §2.9 for 1,920)
     lr: float = 3e-3            # peak learning rate (AdamW)
     warmup: float = 0.05        # fraction of steps with linear warm-up, then the schedule
     schedule: str = "cosine"    # cosine: decay to 0 after the warm-up | wsd: constant, then linear to 0 over --cooldown
@@ -128,7 +128,7 @@ class Config:
 
 
 PRESETS = {  # DiT-style named sizes
-    "tiny": dict(img_size=32, patch_size=4, width=128, enc_depth=4, dec_depth=2, heads=4, mlp_ratio=2.0),  # CPU, minutes
+    "tiny": dict(img_size=32, patch_size=8, width=128, enc_depth=4, dec_depth=2, heads=4, mlp_ratio=2.0),  # CPU, minutes
     "small": dict(img_size=224, patch_size=16, width=384, enc_depth=12, dec_depth=6, heads=6,  # ViT-S/16, one GPU
                   batch_size=256, lr=1e-3, steps=20000, max_len=32, mim_width=384, mim_depth=4),  # decoder: UMD's
     "base": dict(img_size=224, patch_size=16, width=768, enc_depth=12, dec_depth=6, heads=12,  # ViT-B/16, as CapPa

@@ -635,7 +635,7 @@ def ckpt_spec(s):
     return s.removeprefix("ema:"), s.startswith("ema:")
 
 
-def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
+def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu", patch_size=0):
     """--ckpt values -> list of dicts (name, kind, cfg, encoder, key; a checkpoint also model, tok, step, weights). A
     checkpoint keeps its decoder for scoring; ema:PATH loads the moving average of its weights (--ema) instead of
     the weights; 'random' copies the first checkpoint's config (else the preset)."""
@@ -653,7 +653,8 @@ def load_encoders(specs, preset="tiny", img_size=0, seed=0, device="cpu"):
                          weights="ema" if ema else "final", key=key, made=ckpt.get("provenance")))
         ref = ref or cfg
     if ref is None:
-        ref = mdc.parse_args([f"--model={preset}"] + ([f"--img_size={img_size}"] if img_size else []))
+        ref = mdc.parse_args([f"--model={preset}"] + ([f"--img_size={img_size}"] if img_size else [])
+                             + ([f"--patch_size={patch_size}"] if patch_size else []))
     for e in encs:
         if e["kind"] == "random":
             e.update(cfg=ref, encoder=random_encoder(ref, e["init_seed"], device), key=dict(random=asdict(ref), seed=e["init_seed"]))
@@ -830,6 +831,7 @@ def parse(argv):
         "whether a model trained with a tie sees shape, not only colour)")
     arg("--model", default="tiny", help="preset for 'random' when no checkpoint is given")
     arg("--img_size", type=int, default=0, help="input size for 'random'/'pixels' when no checkpoint is given")
+    arg("--patch_size", type=int, default=0, help="patch size for 'random' when no checkpoint is given (0: the preset's)")
     arg("--pixel_size", type=int, default=32, help="raw pixels are resized to at most this")
     # what runs
     arg("--fitter", default="both", choices=["both", "ridge", "lbfgs", "sklearn"],
@@ -875,7 +877,7 @@ def parse(argv):
         p.error(f"--mdc_rules: unknown rule(s) {bad}; choose from {','.join(MDC_RULES)}")
     for name, ok in (("K", a.K >= 1), ("n_eval", a.n_eval >= 1), ("n_retrieval", a.n_retrieval >= 2),
                      ("batch_size", a.batch_size >= 1), ("num_workers", a.num_workers >= 0), ("per_class", a.per_class >= 0),
-                     ("pixel_size", a.pixel_size >= 1), ("img_size", a.img_size >= 0),
+                     ("pixel_size", a.pixel_size >= 1), ("img_size", a.img_size >= 0), ("patch_size", a.patch_size >= 0),
                      ("caption_tie", a.caption_tie is None or 0 <= a.caption_tie <= 1)):
         if not ok:
             p.error(f"--{name}={getattr(a, name)} is out of range")
@@ -957,7 +959,7 @@ def evaluate(args, argv, device):
     evaluations -> the results dict that --json writes (with how and where it was made)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     t_start = time.perf_counter()
-    encs = load_encoders(args.ckpt, args.model, args.img_size, args.seed, device)
+    encs = load_encoders(args.ckpt, args.model, args.img_size, args.seed, device, args.patch_size)
     for e in encs:  # --dtype: every encoder in this precision; by default each checkpoint's own (--dtype of mdc.py)
         e["cfg"] = replace(e["cfg"], dtype=args.dtype or e["cfg"].dtype)
     do = tasks(args, encs)

@@ -2200,7 +2200,7 @@ def test_runs_that_differ_only_in_bookkeeping_are_one_line_and_ema_weights_anoth
     do not split a sweep; the probed weights (final or ema) do, in the figures and in --summary."""
     base = dataclasses.asdict(tiny_cfg("--t_min=0.5"))
     run = lambda seed, acc, weights="final", **cfg: dict(name=f"r{seed}{weights}", kind="ckpt", objective="mdc", step=640, weights=weights,
-                                                         metrics={"ridge top1": acc}, config={**base, "seed": seed, **cfg})
+                                                         metrics={"ridge top1": acc}, config={**base, "seed": seed, "steps": 640, **cfg})
     res = [{"encoders": [run(0, 0.6, ckpt_every=80), run(1, 0.7, ckpt_every=160, ema=0.99), run(0, 0.5, t_min=0.75),
                          run(1, 0.8, "ema", ema=0.99, ckpt_every=160)]}]
     varying, groups, _ = probe.sweep_points(res, "t_min", "ridge top1")
