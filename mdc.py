@@ -69,7 +69,7 @@ class Config:
     max_len: int = 16           # caption tokens including [EOS]
     vocab_min_count: int = 1    # words seen fewer times become [UNK]
     # objective knobs
-    t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (at 640 steps 0.001 probes 22.6 points lower on 3 seeds, slower learning, not after Holm; 0.75, 1 level: RESULTS.md §2.4)
+    t_min: float = 0.5          # mdc: mask ratio t ~ U(t_min, 1); the 1/t weight is at most 1/t_min (at the earlier default, 640 steps in 4 px patches, 0.001 probes 22.6 points lower on 3 seeds, slower learning, not after Holm; 0.75, 1 level: RESULTS.md §2.4)
     mdc_weight: str = "elbo"    # mdc: elbo = 1/t-weighted masked CE over real tokens; none = mean masked CE
     antithetic: bool = True     # mdc: stratified t across the batch, (u0 + i/B) mod 1 (MDLM-style), lowers loss variance
     # Off by default, a deviation: [PAD] is never masked nor a key, so mdc and cappa's parallel branch know the length.
