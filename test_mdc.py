@@ -2458,3 +2458,14 @@ def test_t_pvalue_matches_the_t_table():
         assert abs(probe.t_pvalue(probe.t975(df), df) - 0.05) < 2e-4
     assert probe.t_pvalue(0.0, 4) == pytest.approx(1.0) and abs(probe.t_pvalue(1.959964, 10_000) - 0.05) < 1e-3
     assert abs(probe.t_pvalue(-4.604, 4) - 0.01) < 2e-4                 # the 99.5% quantile of t(4), from a printed table
+
+
+def test_probe_random_encoder_takes_the_patch_size_of_an_earlier_default():
+    """probe.py --patch_size builds 'random' at another patch size than the preset's (the earlier default's
+    floors, 4 px, still reproduce now that tiny has 8 px patches); a negative one is refused."""
+    now, before = (probe.load_encoders(["random"], **kw)[0] for kw in ({}, {"patch_size": 4}))
+    assert now["cfg"].patch_size == mdc.PRESETS["tiny"]["patch_size"] == 8 and before["cfg"].patch_size == 4
+    imgs = torch.rand(2, 3, 32, 32)
+    assert now["encoder"](imgs).shape == (2, 16, 128) and before["encoder"](imgs).shape == (2, 64, 128)
+    with pytest.raises(data.UsageError, match="--patch_size=-1 is out of range"):
+        probe.parse(["--ckpt=random", "--patch_size=-1"])
