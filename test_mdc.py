@@ -478,6 +478,50 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     assert not os.path.exists(path + ".tmp")
 
 
+def test_int8_checkpoint_keeps_every_weight_within_half_a_step_at_about_a_quarter_of_the_size(tmp_path):
+    """save_checkpoint(int8=True): each float matrix as int8 with a scale per row; read back as float32, every
+    element within s / 2 of the original, every vector and buffer exact; extra keys ride along."""
+    cfg = tiny_cfg("--objective=mdc")
+    _, _, tok = tiny_batch(cfg)
+    model = mdc.Model(cfg, len(tok))
+    full, small = str(tmp_path / "full.pt"), str(tmp_path / "small.pt")
+    mdc.save_checkpoint(full, model, None, cfg, tok, 7)
+    mdc.save_checkpoint(small, model, None, cfg, tok, 7, int8=True, history={"loss": [2.0, 1.5]})
+    loaded, _, _, ckpt = mdc.load_checkpoint(small)
+    assert ckpt["history"] == {"loss": [2.0, 1.5]} and ckpt["step"] == 7
+    packed = torch.load(small, weights_only=True)["model"]
+    size = lambda weights: sum(w.numel() * w.element_size() for w in weights.values())
+    assert size(packed) < 0.35 * size(torch.load(full, weights_only=True)["model"])
+    for k, w in model.state_dict().items():
+        got = loaded.state_dict()[k]
+        if w.is_floating_point() and w.dim() >= 2:
+            assert packed[k].dtype == torch.int8
+            s = packed[k + "@scale"]
+            assert ((got - w).abs() <= s / 2 + 1e-7).all(), k
+        else:
+            assert torch.equal(got, w), k
+
+
+TUTORIAL_MODELS = {"mdc": [], "ar": ["--objective=ar"], "clip": ["--objective=clip"],
+                   "mdc-alias2": ["--alias=2"], "ar-alias2": ["--objective=ar", "--alias=2"]}
+
+
+@pytest.mark.parametrize("name", sorted(TUTORIAL_MODELS))
+def test_tutorial_weights_are_the_default_budget_and_load(name):
+    """docs/tutorial/NAME.pt, which tutorial.ipynb loads instead of training: python mdc.py's default flags (the
+    tutorial's budget) with the model's own, all steps trained, the loss history beside it, about 1 MB each."""
+    path = os.path.join(HERE, "docs", "tutorial", f"{name}.pt")
+    model, cfg, tok, ckpt = mdc.load_checkpoint(path)
+    want = mdc.parse_args(["--probe="] + TUTORIAL_MODELS[name])
+    flags = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in mdc.BOOKKEEPING}
+    assert flags(cfg) == flags(want) and ckpt["step"] == cfg.steps and ckpt["int8"]
+    assert len(ckpt["history"]["loss"]) == cfg.steps and ckpt["provenance"]["train_seconds"] > 0
+    assert os.path.getsize(path) < 1.2e6
+    val = data.Shapes(cfg.seed, cfg.img_size, "val", alias=cfg.alias)
+    chance = math.log(cfg.batch_size if cfg.objective == "clip" else len(tok) - 1)   # a uniform guess
+    assert mdc.evaluate(model, cfg, val, tok, n_batches=1) < chance / 3             # a trained model, not an init
+
+
 @pytest.mark.parametrize("objective", ["mdc", "clip"])
 def test_checkpoints_of_earlier_versions_load(tmp_path, objective):
     """Earlier checkpoints called cross-attention's query projection xattn.qkv, and clip's held a
