@@ -1068,7 +1068,8 @@ def save_checkpoint(path, model, opt, cfg, tok, step, ema=None, provenance=None,
     ckpt = {"model": quantize(weights) if int8 else weights, "optimizer": opt.state_dict() if opt else None, "ema": ema,
             "config": asdict(cfg), "vocab": tok.itos, "step": step, "provenance": provenance, "int8": int8,
             "rng": torch.get_rng_state(), "torch_version": str(torch.__version__),
-            "teacher_config": asdict(model.teacher_cfg) if hasattr(model, "teacher_cfg") else None, **extra}  # milan
+            "teacher_config": asdict(model.teacher_cfg) if hasattr(model, "teacher_cfg") else None,  # milan
+            **extra}                                                    # e.g. the tutorial's loss history
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
 
